@@ -1,0 +1,791 @@
+"""
+DASH: differentiable architecture search for hybrid-attention LLMs (arXiv 2605.20936), in one file.
+
+    python dash.py                                     # the small teacher shipped in small_model/, CPU, minutes
+    python dash.py --model Qwen/Qwen2.5-3B-Instruct    # the paper's setting: one CUDA GPU, 12.3M tokens
+
+A hybrid LLM keeps full softmax attention in a few layers and cheap operators (linear attention, a sliding
+window) in the rest; which layers keep full attention decides its quality. DASH finds them by search:
+  1. teacher-aligned candidates: every cheap operator, in every layer, is trained once to copy that layer's
+     attention output (prepare_candidates.py; cached and reused by every search);
+  2. each layer's attention becomes the mixture  sum_i softmax(alpha_l / tau)_i * op_i(x)  and only the
+     architecture logits alpha (layers x operators) train, to minimise KL(teacher || mixture) plus
+     regularizers; the teacher's and the candidates' weights stay frozen;
+  3. export: the K layers that most want full attention keep it, the others take their most probable
+     cheap operator; the architecture is a JSON file, and build_hybrid() turns it back into a model.
+The file reads top to bottom: config, candidate operators, mixed layer, model surgery, data, objective,
+search loop, export, main.
+"""
+import argparse
+import gzip
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb, eager_attention_forward
+
+HERE = Path(__file__).resolve().parent
+SMALL_MODEL = HERE / "small_model"  # the small pretrained teacher that ships with the project
+C4_SHARD = "hub:allenai/c4/en/c4-train.00000-of-01024.json.gz"  # ~356k English web documents, ~170M tokens
+
+
+class DashError(Exception):
+    """Bad input: main() prints the message alone, no traceback."""
+
+# ----------------------------------------------------------------------------- config
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    model: str = opt(str(SMALL_MODEL), "HF model id or local directory of a causal LM (Qwen2/Llama-style attention)")
+    candidates: str = opt("full,swa,gla,gdn", "operators to search over, comma-separated; 'full' must be one")
+    k: int | None = opt(None, "full-attention layers to keep (default: one in seven layers, at least 2)")
+    threshold: float | None = opt(None, "export full attention where p(full) > threshold instead of the top K")
+    tokens: int | None = opt(None, "search tokens (default: 12.3M as in the paper; 131k for the small model)")
+    seq_len: int | None = opt(None, "tokens per sequence (default: 2048; 1024 for the small model)")
+    batch_size: int | None = opt(None, "sequences per step (default: 4)")
+    lr: float | None = opt(None, "Adam learning rate of the logits (default: 0.01; 0.1 for the small model's few steps)")
+    tau_start: float = opt(1.0, "softmax temperature at the first step ...")
+    tau_end: float = opt(0.1, "... annealed exponentially to this at the last: late choices become decisive")
+    budget: float = opt(1.0, "weight of the budget term that drives the expected number of full layers to K")
+    cost: float = opt(0.0, "weight of the compute-cost term (operator cost at --cost-len, relative to full)")
+    cost_len: int = opt(32768, "context length at which operator costs are compared")
+    entropy: float = opt(0.05, "weight of the entropy term, ramped up over the search: decisive choices at the end")
+    continuity: float = opt(0.0, "weight of the continuity term: adjacent layers prefer the same operator")
+    skip_below: float = opt(1e-3, "skip an operator in a layer while its weight is below this (saves compute)")
+    window: int | None = opt(None, "sliding-window size of 'swa' (default: 512; 64 for the small model)")
+    data: str | None = opt(None, "text: .txt/.jsonl/.jsonl.gz files or folders, or hub:owner/name/path (default: "
+                                 "the model folder's search_data.jsonl.gz if it has one, else a C4 shard)")
+    seed: int = opt(0, "seed of data order and initialisation")
+    out: str = opt("out", "folder for the architecture JSON")
+    device: str = opt("auto", "cuda, cpu or auto")
+    dtype: str = opt("auto", "bfloat16, float32 or auto (bfloat16 on CUDA, float32 on CPU)")
+    kernels: str = opt("auto", "fla (CUDA only), torch, or auto (fla on CUDA)")
+    cache: str | None = opt(None, "candidate weights (.safetensors); default: candidates/<model>-<fingerprint>")
+    prepare: bool = opt(True, "prepare missing candidate weights (--no-prepare: fail instead)")
+    prep_tokens: int | None = opt(None, "tokens to align candidates on, if they must be prepared")
+    kl_chunk: int = opt(1024, "tokens per chunk of the KL: full-vocabulary fp32 logits exist for one chunk only")
+    log_every: int = opt(25, "steps between views of the operator probabilities")
+    check_samples: int = opt(10, "samples per task of the retrieval check after the search (0: skip)")
+
+
+# Defaults that depend on the model: the paper's for real models, CPU-minutes for the shipped small one.
+PAPER = dict(tokens=12_300_000, seq_len=2048, batch_size=4, lr=0.01, window=512, data=C4_SHARD)
+SMALL = dict(tokens=131_072, seq_len=1024, batch_size=4, lr=0.1, window=64,
+             data=str(SMALL_MODEL / "search_data.jsonl.gz"))
+
+
+def resolve(cfg: Config, n_layers: int) -> Config:
+    """Fill the model-dependent defaults and check the values that do not need the model loaded."""
+    small = Path(cfg.model).resolve() == SMALL_MODEL
+    for name, value in (SMALL if small else PAPER).items():
+        if getattr(cfg, name) is None:
+            if name == "data" and Path(cfg.model, "search_data.jsonl.gz").exists():
+                value = str(Path(cfg.model, "search_data.jsonl.gz"))
+            setattr(cfg, name, value)
+    if cfg.k is None:
+        cfg.k = max(2, round(n_layers / 7))
+    if not 0 < cfg.k < n_layers:
+        raise DashError(f"--k {cfg.k} is out of range: the model has {n_layers} layers, so 1 <= K <= {n_layers - 1}")
+    if cfg.threshold is not None and not 0 < cfg.threshold < 1:
+        raise DashError(f"--threshold {cfg.threshold} must be a probability in (0, 1)")
+    return cfg
+
+# ----------------------------------------------------------------------------- candidate operators
+# Every candidate is built from the teacher's attention module of its layer and, at run time, gets the teacher's
+# own projections of the layer input, computed once per layer and shared by all candidates:
+#   x (B, T, C) the normed layer input; q (B, T, H, D); k, v (B, T, Hkv, D) before RoPE; rope = (cos, sin).
+# It returns the per-head output (B, T, H, D), which the teacher's o_proj turns into the layer's output.
+# Sharing is what makes a mixed layer cheap: o_proj is linear, so sum_i w_i o_proj(y_i) = o_proj(sum_i w_i y_i).
+# With `cache` (generation), an operator keeps what it needs in its layer's slot of HF's cache.
+
+
+@dataclass
+class LayerInput:
+    x: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    rope: tuple
+    attn: nn.Module                   # the teacher's attention module of this layer
+    mask: torch.Tensor | None = None  # HF's 4D attention mask (None: causal, no padding)
+    cache: object = None              # HF's Cache during generation
+
+
+def project(attn: nn.Module, x: torch.Tensor, rope, mask=None, cache=None) -> LayerInput:
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    return LayerInput(x, attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape),
+                      rope, attn, mask, cache)
+
+
+def keep_mask(mask, T: int, S: int, device) -> torch.Tensor:
+    """Which of S keys each of the last T queries may see, as bool (B or 1, 1, T, S). `mask` is HF's 4D mask:
+    None (causal, no padding), bool (True = keep) or additive float (0 = keep)."""
+    if mask is None:
+        q_pos = torch.arange(S - T, S, device=device)[:, None]
+        return (torch.arange(S, device=device) <= q_pos)[None, None]
+    mask = mask[..., -T:, -S:]
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def valid_tokens(p: LayerInput) -> torch.Tensor | None:
+    """(B, T) False at padding tokens, read off the last query row of the mask (left padding); None: no padding."""
+    if p.mask is None:
+        return None
+    T = p.x.shape[1]
+    return keep_mask(p.mask, T, p.mask.shape[-1], p.x.device)[:, 0, -1, -T:]
+
+
+def cache_slot(cache, layer_idx: int, kind: type, make):
+    """This layer's slot in HF's cache, swapped on first use for the kind its operator keeps."""
+    if not isinstance(cache.layers[layer_idx], kind):
+        cache.layers[layer_idx] = make()
+    return cache.layers[layer_idx]
+
+
+class FullAttention(nn.Module):
+    """The teacher's own softmax attention: its attention function on its projections, exactly."""
+
+    def __init__(self, attn: nn.Module, cfg: Config):
+        super().__init__()
+
+    def forward(self, p: LayerInput) -> torch.Tensor:
+        attn = p.attn
+        q, k, v = (t.transpose(1, 2) for t in (p.q, p.k, p.v))  # (B, heads, T, D), as HF's functions want
+        q, k = apply_rotary_pos_emb(q, k, *p.rope)
+        if p.cache is not None:
+            k, v = p.cache.update(k, v, attn.layer_idx)
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+        y, _ = fn(attn, q, k, v, p.mask, dropout=0.0, scaling=attn.scaling,
+                  sliding_window=getattr(attn, "sliding_window", None))
+        return y  # (B, T, H, D)
+
+
+class SlidingWindowAttention(nn.Module):
+    """The teacher's softmax attention limited to the last `window` tokens (the query's own included).
+    Nothing new to train; during generation it keeps only a window of keys and values."""
+
+    def __init__(self, attn: nn.Module, cfg: Config):
+        super().__init__()
+        self.layer_idx, self.scaling, self.window = attn.layer_idx, attn.scaling, cfg.window
+        self.kernels = cfg.kernels
+
+    def forward(self, p: LayerInput) -> torch.Tensor:
+        q, k = apply_rotary_pos_emb(p.q, p.k, *p.rope, unsqueeze_dim=2)  # (B, T, heads, D)
+        v = p.v
+        if p.cache is None and p.mask is None and use_fla(q, self.kernels):
+            from fla.ops.attn import parallel_attn
+            return parallel_attn(q, k, v, scale=self.scaling, window_size=self.window)
+        if p.cache is not None:
+            slot = cache_slot(p.cache, self.layer_idx, DynamicSlidingWindowLayer,
+                              lambda: DynamicSlidingWindowLayer(sliding_window=self.window))
+            k, v = (t.transpose(1, 2) for t in slot.update(k.transpose(1, 2), v.transpose(1, 2)))
+        T, S = q.shape[1], k.shape[1]  # the S keys are the last S positions, ending at the last query
+        dist = torch.arange(S - T, S, device=q.device)[:, None] - torch.arange(S, device=q.device)
+        keep = (dist >= 0) & (dist < self.window) & keep_mask(p.mask, T, S, q.device)
+        keep = keep | (dist == 0)  # a padding query sees itself: no all-masked row, no NaN
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=keep, scale=self.scaling, enable_gqa=True)
+        return y.transpose(1, 2)
+
+
+# --- linear attention: the recurrence is the definition, the chunked form computes the same thing fast on a CPU,
+# --- and fla's kernels are the fast path on CUDA (tested against the recurrence). State S: (B, H, K, V), fp32.
+
+def gla_recurrent(q, k, v, g, scale, state=None):
+    """Gated Linear Attention, one token at a time:  S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,  o_t = scale q_t S_t.
+    q, k, g: (B, T, H, K) with g the log forget gate (<= 0); v: (B, T, H, V). Returns o (B, T, H, V), S."""
+    B, T, H, K = q.shape
+    S = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float) if state is None else state.float()
+    q, k, v, g = (t.float() for t in (q, k, v, g))
+    out = []
+    for t in range(T):
+        S = S * g[:, t, :, :, None].exp() + k[:, t, :, :, None] * v[:, t, :, None, :]
+        out.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+    return torch.stack(out, 1), S
+
+
+def gdn_recurrent(q, k, v, g, beta, scale, state=None):
+    """Gated DeltaNet, one token at a time: decay the memory, then write v_t at key k_t with strength beta_t:
+    S_t = a_t S_{t-1} + beta_t k_t^T (v_t - a_t k_t S_{t-1}),  a_t = exp(g_t),  o_t = scale q_t S_t.
+    q, k: (B, T, H, K), L2-normalised; v: (B, T, H, V); g, beta: (B, T, H). Returns o (B, T, H, V), S."""
+    B, T, H, K = q.shape
+    S = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float) if state is None else state.float()
+    q, k, v, g, beta = (t.float() for t in (q, k, v, g, beta))
+    out = []
+    for t in range(T):
+        S = S * g[:, t, :, None, None].exp()
+        u = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhk,bhkv->bhv", k[:, t], S))  # what is new at k_t
+        S = S + k[:, t, :, :, None] * u[:, :, None, :]
+        out.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+    return torch.stack(out, 1), S
+
+
+def chunks(C: int, *ts):
+    """Pad the time axis to a multiple of C (zero k and v write nothing, zero g decays nothing) and split it:
+    (B, T, H, ...) -> (B, H, N, C, ...)."""
+    pad = -ts[0].shape[1] % C
+    out = []
+    for t in ts:
+        t = F.pad(t.float(), (0, 0) * (t.dim() - 2) + (0, pad))
+        out.append(rearrange(t, "b (n c) h ... -> b h n c ...", c=C))
+    return out
+
+
+def gla_chunked(q, k, v, g, scale, state=None, C=16):
+    """gla_recurrent, C tokens at a time: inside a chunk, attention weighted by the decays exp(G_i - G_j) of each
+    key channel (G the cumulative log gate), factored as (q_i e^G_i).(k_j e^-G_j); across chunks, through the
+    state. With g >= -5 per token (GLA.floor), e^(16 * 5) stays inside fp32. Same arguments and results."""
+    B, T, H, K = q.shape
+    q, k, v, g = chunks(C, q * scale, k, v, g)                       # (B, H, N, C, K|V)
+    G = g.cumsum(-2)                                                 # log decay from chunk start to position i
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    A = ((q * G.exp()) @ (k * (-G).exp()).transpose(-1, -2)).masked_fill(~causal, 0)  # (B, H, N, C, C)
+    S = q.new_zeros(B, H, K, v.shape[-1]) if state is None else state.float()
+    out = []
+    for qn, kn, vn, Gn, An in zip(*(t.unbind(2) for t in (q, k, v, G, A))):  # chunk by chunk
+        out.append(An @ vn + (qn * Gn.exp()) @ S)
+        S = S * Gn[:, :, -1, :, None].exp() + (kn * (Gn[:, :, -1:] - Gn).exp()).transpose(-1, -2) @ vn
+    o = rearrange(torch.stack(out, 2), "b h n c v -> b (n c) h v")[:, :T]
+    return o, S
+
+
+def gdn_chunked(q, k, v, g, beta, scale, state=None, C=32):
+    """gdn_recurrent, C tokens at a time. Inside a chunk the new values u_i = beta_i (v_i - a k_i S_{i-1}) solve
+    the triangular system (I + A) U = beta V - beta exp(G) K S0, A_ij = beta_i exp(G_i - G_j) k_i.k_j for j < i,
+    (the WY form of Yang et al. 2024); then o_i = exp(G_i) q_i S0 + sum_{j<=i} exp(G_i - G_j) (q_i.k_j) u_j."""
+    B, T, H, K = q.shape
+    q, k, v, g, beta = chunks(C, q * scale, k, v, g[..., None], beta[..., None])
+    G = g.squeeze(-1).cumsum(-1)                                     # (B, H, N, C)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, -math.inf).exp()  # (B, H, N, C, C)
+    A = (beta * (k @ k.transpose(-1, -2)) * decay).tril(-1)
+    eye = torch.eye(C, device=q.device)
+    Tinv = torch.linalg.solve_triangular(eye + A, eye.expand_as(A), upper=False)  # (I + A)^-1
+    U0 = Tinv @ (beta * v)                                           # U = U0 - KS @ S0
+    KS = Tinv @ (beta * G.exp()[..., None] * k)
+    QK = (q @ k.transpose(-1, -2)) * decay
+    S = q.new_zeros(B, H, K, v.shape[-1]) if state is None else state.float()
+    out = []
+    for qn, kn, Gn, U0n, KSn, QKn in zip(*(t.unbind(2) for t in (q, k, G, U0, KS, QK))):  # chunk by chunk
+        U = U0n - KSn @ S
+        out.append((qn * Gn.exp()[..., None]) @ S + QKn @ U)
+        S = S * Gn[:, :, -1, None, None].exp() + (kn * (Gn[:, :, -1:] - Gn).exp()[..., None]).transpose(-1, -2) @ U
+    o = rearrange(torch.stack(out, 2), "b h n c v -> b (n c) h v")[:, :T]
+    return o, S
+
+
+def use_fla(t: torch.Tensor, kernels: str) -> bool:
+    return t.is_cuda and kernels != "torch"
+
+
+class LinearAttention(nn.Module):
+    """What GLA and Gated DeltaNet share. Copied from the teacher, frozen and shared with the other candidates:
+    the q/k/v/o projections. New, and trained by prepare_candidates.py: per-head maps on q and k (identity at
+    the start), each operator's gates, and a per-head output RMSNorm, since a linear-attention read-out has
+    no softmax normaliser and its scale is not the teacher's. All new parameters are fp32 (they are small)."""
+
+    def __init__(self, attn: nn.Module, cfg: Config):
+        super().__init__()
+        c = attn.config
+        self.layer_idx, self.kernels, D = attn.layer_idx, cfg.kernels, attn.head_dim
+        self.heads, self.groups = c.num_attention_heads, attn.num_key_value_groups
+        self.q_map = nn.Parameter(torch.eye(D).repeat(c.num_attention_heads, 1, 1))   # (H, D, D)
+        self.k_map = nn.Parameter(torch.eye(D).repeat(c.num_key_value_heads, 1, 1))   # (Hkv, D, D)
+        self.norm = nn.Parameter(torch.ones(D))
+
+    def qkv(self, p: LayerInput):
+        q = torch.einsum("bthd,hde->bthe", p.q, self.q_map.to(p.q.dtype))
+        k = torch.einsum("bthd,hde->bthe", p.k, self.k_map.to(p.k.dtype))
+        # the kernels want as many key/value heads as query heads
+        k, v = (repeat(t, "b t h d -> b t (h g) d", g=self.groups) for t in (k, p.v))
+        valid = valid_tokens(p)
+        if valid is not None:  # padding writes nothing to the state
+            k, v = (t * valid[:, :, None, None] for t in (k, v))
+        return q, k, v
+
+    def run(self, p: LayerInput, kernel, *args) -> torch.Tensor:
+        """Run the recurrence, from and into this layer's cache slot during generation; normalise per head."""
+        slot = None if p.cache is None else cache_slot(p.cache, self.layer_idx, StateSlot, StateSlot)
+        o, state = kernel(*args, state=None if slot is None else slot.state, final=slot is not None)
+        if slot is not None:
+            slot.state, slot.seen = state, slot.seen + p.x.shape[1]
+        return F.rms_norm(o.to(p.x.dtype), (o.shape[-1],), self.norm.to(p.x.dtype), eps=1e-6)
+
+
+class GLA(LinearAttention):
+    """Gated Linear Attention (Yang et al. 2024): a per-key-channel forget gate from a rank-16 projection,
+    logsigmoid / 16 as in the paper, so memory fades slowly at the start; floored at e^-5 per token."""
+    floor = -5.0
+
+    def __init__(self, attn: nn.Module, cfg: Config):
+        super().__init__(attn, cfg)
+        C = attn.config.hidden_size
+        self.gate = nn.Sequential(nn.Linear(C, 16, bias=False), nn.Linear(16, self.heads * attn.head_dim))
+
+    def forward(self, p: LayerInput) -> torch.Tensor:
+        q, k, v = self.qkv(p)
+        g = (F.logsigmoid(self.gate(p.x.float())) / 16).clamp_min(self.floor).view_as(q)  # (B, T, H, D), fp32
+        return self.run(p, self.kernel, q, k, v, g)
+
+    def kernel(self, q, k, v, g, state, final):
+        scale = q.shape[-1] ** -0.5
+        if use_fla(q, self.kernels):
+            from fla.ops.gla import chunk_gla, fused_recurrent_gla
+            fn = fused_recurrent_gla if q.shape[1] == 1 else chunk_gla  # one token: the decoding kernel
+            return fn(q, k, v, g, scale=scale, initial_state=state, output_final_state=final)
+        return gla_chunked(q, k, v, g, scale, state)
+
+
+class GatedDeltaNet(LinearAttention):
+    """Gated DeltaNet (Yang et al. 2025): a delta-rule memory with L2-normalised keys, a write strength beta and
+    a decay per head, g = -exp(A_log) softplus(x W + b) as in Mamba2."""
+
+    def __init__(self, attn: nn.Module, cfg: Config):
+        super().__init__(attn, cfg)
+        C, H = attn.config.hidden_size, self.heads
+        self.beta = nn.Linear(C, H)
+        self.dt = nn.Linear(C, H)
+        nn.init.zeros_(self.dt.weight)
+        nn.init.constant_(self.dt.bias, math.log(math.expm1(0.01)))  # softplus^-1(0.01): slow decay at the start
+        self.A_log = nn.Parameter(torch.log(torch.linspace(1, 16, H)))
+
+    def forward(self, p: LayerInput) -> torch.Tensor:
+        q, k, v = self.qkv(p)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        x = p.x.float()
+        beta = torch.sigmoid(self.beta(x))                          # (B, T, H)
+        g = -self.A_log.exp() * F.softplus(self.dt(x))              # (B, T, H) log decay
+        valid = valid_tokens(p)
+        if valid is not None:
+            beta = beta * valid[..., None]
+        return self.run(p, self.kernel, q, k, v, g, beta)
+
+    def kernel(self, q, k, v, g, beta, state, final):
+        scale = q.shape[-1] ** -0.5
+        if use_fla(q, self.kernels):
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+            fn = fused_recurrent_gated_delta_rule if q.shape[1] == 1 else chunk_gated_delta_rule
+            return fn(q, k, v, g, beta=beta.to(q.dtype), scale=scale, initial_state=state, output_final_state=final)
+        return gdn_chunked(q, k, v, g, beta, scale, state)
+
+
+class StateSlot(DynamicLayer):
+    """Cache slot of a linear-attention layer: its recurrent state (B, H, K, V) instead of keys and values. It
+    counts tokens, so HF's position and mask bookkeeping, which may ask any layer's slot, stays right."""
+    is_sliding = False
+
+    def __init__(self):
+        super().__init__()
+        self.state, self.seen = None, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+
+# The registry: its order fixes the columns of alpha. A new operator is one class with the constructor
+# (attn, cfg) and forward(LayerInput) -> (B, T, H, D), plus one line here (README: "Adding an operator").
+CANDIDATES = {"full": FullAttention, "swa": SlidingWindowAttention, "gla": GLA, "gdn": GatedDeltaNet}
+
+
+def candidate_names(spec: str) -> list[str]:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    for n in names:
+        if n not in CANDIDATES:
+            raise DashError(f"unknown operator {n!r}; known operators: {', '.join(CANDIDATES)}")
+    if "full" not in names or len(names) < 2 or len(set(names)) != len(names):
+        raise DashError(f"--candidates {spec!r}: need 'full' and at least one other operator, each once")
+    return names
+
+
+def op_cost(name: str, D: int, window: int, T: int) -> float:
+    """Token-mixing FLOPs per token and head at context T, relative to full attention (projections are shared):
+    full reads T/2 keys on average, a window min(W, T/2), a linear layer a D x D state (about 2D 'keys')."""
+    return {"full": 1.0, "swa": min(window, T / 2) / (T / 2)}.get(name, min(1.0, 2 * D / (T / 2)))
+
+# ----------------------------------------------------------------------------- mixed layer
+
+
+class MixedAttention(nn.Module):
+    """DARTS' MixedOp for attention, over frozen operators: sum_i w_i * op_i(x) with w = softmax(alpha_l / tau).
+    No Gumbel noise: every operator runs (the search is deterministic and its gradient exact), and no weight
+    step alternates with it, since the weights are frozen. Drop-in for the teacher's attention module: same
+    call, returns (output, None). With weights None it is the teacher (the 'full' operator alone)."""
+
+    def __init__(self, attn: nn.Module, ops: dict[str, nn.Module]):
+        super().__init__()
+        self.attn = attn
+        self.ops = nn.ModuleDict(ops)
+        self.weights, self.active = None, None  # (n_ops,) tensor and a list of bools, set by set_weights()
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+        p = project(self.attn, hidden_states, position_embeddings, attention_mask, past_key_values)
+        if len(self.ops) == 1:  # a hybrid's layer
+            y = next(iter(self.ops.values()))(p)
+        elif self.weights is None:
+            y = self.ops["full"](p)
+        else:
+            y = sum(w.to(p.q.dtype) * op(p) for w, op, on in zip(self.weights, self.ops.values(), self.active) if on)
+        return self.attn.o_proj(y.flatten(2)), None
+
+# ----------------------------------------------------------------------------- model surgery
+
+
+def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A real HF causal LM and its tokenizer, frozen, with attention we know how to take apart."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except ValueError as e:  # "Unrecognized configuration class ... for this kind of AutoModel"
+        raise DashError(f"{name} is not a causal language model that transformers can load: {str(e)[:200]}")
+    except OSError as e:
+        raise DashError(f"could not load {name} ({str(e)[:200]}); without network, pass a local folder with --model")
+    attns = [getattr(layer, "self_attn", None) for layer in getattr(model.model, "layers", [])]
+    for a in attns:
+        if a is None or not all(hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")) \
+                or hasattr(a, "q_norm"):
+            raise DashError(f"{name}: dash needs Qwen2/Llama-style attention (q/k/v/o projections, no q/k norms); "
+                            f"found {type(a).__name__}")
+    return model.to(device).eval().requires_grad_(False), tokenizer
+
+
+def teacher_attention(model) -> list[nn.Module]:
+    return [getattr(layer.self_attn, "attn", layer.self_attn) for layer in model.model.layers]
+
+
+def make_ops(model, names: list[str], cfg: Config) -> list[dict[str, nn.Module]]:
+    """Fresh operators for every layer: [{name: op}] (new parameters at their initial values)."""
+    p = next(model.parameters())
+    return [{n: CANDIDATES[n](a, cfg).to(p.device) for n in names} for a in teacher_attention(model)]
+
+
+def install(model, ops: list[dict[str, nn.Module]]):
+    """Swap every layer's attention for a MixedAttention over its operators (frozen)."""
+    for layer, attn, layer_ops in zip(model.model.layers, teacher_attention(model), ops):
+        layer.self_attn = MixedAttention(attn, layer_ops).requires_grad_(False)
+    return model
+
+
+def restore_teacher(model):
+    for layer, attn in zip(model.model.layers, teacher_attention(model)):
+        layer.self_attn = attn
+    return model
+
+
+def set_weights(model, w: torch.Tensor | None, skip_below: float = 0.0):
+    """Give layer l the operator weights w[l] ((L, n_ops); None: the teacher). One host copy per step decides
+    which operators run, instead of a device sync per operator and layer."""
+    active = None if w is None else (w.detach().cpu() > skip_below).tolist()
+    for l, layer in enumerate(model.model.layers):
+        layer.self_attn.weights = None if w is None else w[l]
+        layer.self_attn.active = None if w is None else active[l]
+
+
+def load_op(op: nn.Module, state: dict[str, torch.Tensor], prefix: str, where: str = "the candidate cache"):
+    """Load prepared weights (keys '<prefix><param>', prefix 'layers.<l>.<op>.') into one operator."""
+    for pname, param in op.named_parameters():
+        if prefix + pname not in state:
+            raise DashError(f"{where} has no weights for {prefix + pname}: prepare the candidates for this model "
+                            f"and operator set (python prepare_candidates.py --model ...)")
+        with torch.no_grad():
+            param.copy_(state[prefix + pname])
+
+
+def load_candidates(ops: list[dict[str, nn.Module]], state: dict[str, torch.Tensor], where: str = "the cache"):
+    for l, layer_ops in enumerate(ops):
+        for name, op in layer_ops.items():
+            load_op(op, state, f"layers.{l}.{name}.", where)
+
+
+def make_hybrid(model, layers: list[str], weights: dict[str, torch.Tensor], cfg: Config):
+    """The hybrid: layer l runs operator layers[l] alone ('full' keeps the teacher's attention module)."""
+    if len(layers) != len(model.model.layers):
+        raise DashError(f"the architecture has {len(layers)} layers, the model {len(model.model.layers)}")
+    restore_teacher(model)
+    p = next(model.parameters())
+    for l, (layer, name) in enumerate(zip(model.model.layers, layers)):
+        if name == "full":
+            continue
+        if name not in CANDIDATES:
+            raise DashError(f"unknown operator {name!r} in layer {l}; known operators: {', '.join(CANDIDATES)}")
+        op = CANDIDATES[name](layer.self_attn, cfg).to(p.device)
+        load_op(op, weights, f"layers.{l}.{name}.")
+        layer.self_attn = MixedAttention(layer.self_attn, {name: op}).requires_grad_(False)
+    return model
+
+# ----------------------------------------------------------------------------- data
+
+
+def read_texts(spec: str):
+    """Yield documents from local .txt/.jsonl/.jsonl.gz/.json.gz files or folders of them, or from one file of a
+    Hugging Face dataset repository, 'hub:owner/name/path/in/repo' (JSON lines with a "text" field)."""
+    if spec.startswith("hub:"):
+        owner, name, path = (spec[4:].split("/", 2) + ["", ""])[:3]
+        repo = f"{owner}/{name}"
+        try:
+            from huggingface_hub import hf_hub_download
+            files = [Path(hf_hub_download(repo, path, repo_type="dataset"))]
+        except Exception as e:  # offline, or no such file: say what to pass instead
+            raise DashError(f"could not fetch {spec} from the Hugging Face hub ({type(e).__name__}). Offline, pass "
+                            f"local text with --data (.txt, .jsonl or .jsonl.gz files, or a folder of them)")
+    else:
+        root = Path(spec)
+        if not root.exists():
+            raise DashError(f"--data {spec}: no such file or folder")
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+        files = [f for f in files if f.name.endswith((".txt", ".jsonl", ".jsonl.gz", ".json.gz"))]
+        if not files:
+            raise DashError(f"--data {spec}: no .txt, .jsonl, .jsonl.gz or .json.gz files there")
+    for f in files:
+        with (gzip.open(f, "rt") if f.suffix == ".gz" else open(f)) as fh:
+            if f.name.endswith(".txt"):
+                yield fh.read()
+            else:
+                for line in fh:
+                    if line.strip():
+                        yield json.loads(line)["text"]
+
+
+def token_batches(tokenizer, spec: str, n: int, batch_size: int, seq_len: int) -> torch.Tensor:
+    """(n, batch_size, seq_len) token ids: documents tokenized, joined with EOS and cut into sequences."""
+    need, ids = n * batch_size * seq_len, []
+    eos = tokenizer.eos_token_id
+    with tqdm(total=need, desc="tokenizing", unit="tok", leave=False) as bar:
+        for text in read_texts(spec):
+            new = tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+            ids += new
+            bar.update(min(len(new), need - bar.n))
+            if len(ids) >= need:
+                break
+    if len(ids) < need:
+        raise DashError(f"--data {spec} has {len(ids):,} tokens; the run needs {need:,} (lower --tokens)")
+    return torch.tensor(ids[:need]).view(n, batch_size, seq_len)
+
+# ----------------------------------------------------------------------------- objective
+
+
+def kl_chunk(h_student, h_teacher, head):
+    """Summed KL(teacher || student) over a chunk of tokens, from final hidden states (N, C) through the LM head."""
+    log_q = F.log_softmax(head(h_student).float(), -1)
+    log_p = F.log_softmax(head(h_teacher).float(), -1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+
+
+def chunked_kl(h_student, h_teacher, head, chunk: int) -> torch.Tensor:
+    """Mean per-token KL(teacher || student). Each chunk's logits are recomputed in the backward pass instead of
+    kept: full-vocabulary fp32 logits exist for `chunk` tokens at a time (151936 x 4 bytes each for Qwen)."""
+    hs, ht = h_student.flatten(0, -2), h_teacher.flatten(0, -2)
+    total = sum(checkpoint(kl_chunk, hs[i:i + chunk], ht[i:i + chunk], head, use_reentrant=False)
+                for i in range(0, hs.shape[0], chunk))
+    return total / hs.shape[0]
+
+
+def regularizers(w: torch.Tensor, names: list[str], cfg: Config, costs: torch.Tensor, progress: float) -> dict:
+    """The terms added to the KL, each already weighted. w: (L, n_ops) operator probabilities.
+    budget     = b * ((E - K) / L)^2 * L     E = sum_l w_l[full], the expected number of full-attention layers
+    cost       = c * mean_l sum_i w_li cost_i               cost_i from op_cost(), full = 1
+    entropy    = e * progress * mean_l H(w_l) / log(n_ops)  ramped in: explore first, decide at the end
+    continuity = s * mean_l 1/2 |w_l - w_{l-1}|_1           total variation between adjacent layers"""
+    L, n = w.shape
+    expected_full = w[:, names.index("full")].sum()
+    terms = {"budget": cfg.budget * (expected_full - cfg.k) ** 2 / L}
+    if cfg.cost:
+        terms["cost"] = cfg.cost * (w @ costs).mean()
+    if cfg.entropy:
+        terms["entropy"] = cfg.entropy * progress * -(w * w.clamp_min(1e-12).log()).sum(-1).mean() / math.log(n)
+    if cfg.continuity:
+        terms["continuity"] = cfg.continuity * 0.5 * (w[1:] - w[:-1]).abs().sum(-1).mean()
+    return terms
+
+# ----------------------------------------------------------------------------- search loop
+
+
+def tau_at(step: int, steps: int, cfg: Config) -> float:
+    """Exponential annealing from tau_start to tau_end."""
+    return cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, steps - 1))
+
+
+def heatmap(w: torch.Tensor, names: list[str]) -> str:
+    """Operator probabilities as text, one row per operator and one column per layer."""
+    shades = " ▁▂▃▄▅▆▇█"
+    rows = [f"{'layer':>6} " + "".join(str(l % 10) for l in range(w.shape[0]))]
+    for i, n in enumerate(names):
+        rows.append(f"{n:>6} " + "".join(shades[round(float(p) * 8)] for p in w[:, i]))
+    return "\n".join(rows)
+
+
+def search(model, batches: torch.Tensor, names: list[str], cfg: Config) -> dict:
+    """Train only the architecture logits alpha (L, n_ops) to bring the mixture close to the teacher."""
+    L, steps = len(model.model.layers), len(batches)
+    device = next(model.parameters()).device
+    alpha = nn.Parameter(torch.zeros(L, len(names), device=device))  # uniform mixture at the start
+    opt = torch.optim.Adam([alpha], lr=cfg.lr, betas=(0.5, 0.999))   # DARTS' optimizer for architecture logits
+    frozen = sum(p.numel() for p in model.parameters())
+    print(f"trainable: alpha {tuple(alpha.shape)} = {alpha.numel()} logits; frozen: {frozen:,} weights")
+    D = teacher_attention(model)[0].head_dim
+    costs = torch.tensor([op_cost(n, D, cfg.window, cfg.cost_len) for n in names], device=device)
+    head, history, t0 = model.get_output_embeddings(), [], time.time()
+    bar = tqdm(range(steps), desc="search", unit="step")
+    for step in bar:
+        ids = batches[step].to(device)
+        with torch.no_grad():  # the teacher: same model, every layer its own full attention
+            set_weights(model, None)
+            h_teacher = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        tau = tau_at(step, steps, cfg)
+        w = F.softmax(alpha / tau, dim=-1)
+        set_weights(model, w, cfg.skip_below)
+        h_student = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        kl = chunked_kl(h_student, h_teacher, head, cfg.kl_chunk)
+        terms = regularizers(w, names, cfg, costs, step / max(1, steps - 1))
+        loss = kl + sum(terms.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            w = F.softmax(alpha / tau, dim=-1)
+            rec = dict(step=step, loss=loss.item(), kl=kl.item(), tau=tau, full=w[:, names.index("full")].sum().item())
+        history.append(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", full=f"{rec['full']:.2f}", tau=f"{tau:.2f}")
+        if (step + 1) % cfg.log_every == 0 or step == steps - 1:
+            tqdm.write(f"step {step + 1}/{steps}  kl {rec['kl']:.4f}  E[full] {rec['full']:.2f}  tau {tau:.3f}\n"
+                       + heatmap(w.cpu(), names))
+    set_weights(model, None)
+    w = F.softmax(alpha.detach() / tau_at(steps - 1, steps, cfg), -1).cpu()
+    return dict(alpha=alpha.detach().cpu(), probs=w, history=history, wall_time_s=time.time() - t0)
+
+# ----------------------------------------------------------------------------- export
+
+
+def choose_layers(probs: torch.Tensor, names: list[str], k: int | None = None, threshold: float | None = None):
+    """Full attention in the K layers with the highest p(full) (or where p(full) > threshold); every other layer
+    takes its most probable other operator."""
+    full = names.index("full")
+    if threshold is not None:
+        keep = set(torch.nonzero(probs[:, full] > threshold).flatten().tolist())
+    else:
+        keep = set(torch.topk(probs[:, full], k).indices.tolist())
+    others = probs.clone()
+    others[:, full] = -1
+    return ["full" if l in keep else names[int(others[l].argmax())] for l in range(len(probs))]
+
+
+def export(result: dict, names: list[str], cfg: Config, tokens: int, cache: str) -> dict:
+    layers = choose_layers(result["probs"], names, cfg.k, cfg.threshold)
+    return dict(model=cfg.model, candidates=names, k=cfg.k, threshold=cfg.threshold,
+                mode="threshold" if cfg.threshold is not None else "top-k", layers=layers,
+                full_layers=[l for l, n in enumerate(layers) if n == "full"],
+                probabilities=[[round(float(p), 5) for p in row] for row in result["probs"]],
+                alpha=[[round(float(a), 5) for a in row] for row in result["alpha"]],
+                tokens=tokens, wall_time_s=round(result["wall_time_s"], 1), seed=cfg.seed,
+                candidate_cache=cache, config=asdict(cfg),
+                kl_first=result["history"][0]["kl"], kl_last=result["history"][-1]["kl"])
+
+
+def build_hybrid(arch: dict | str, model=None, weights: dict | None = None, cfg: Config | None = None):
+    """The hybrid HF model of an architecture JSON (a dict or a path): the teacher with each layer's chosen
+    operator and its prepared weights. Returns (model, tokenizer or None)."""
+    if not isinstance(arch, dict):
+        arch = json.loads(Path(arch).read_text())
+    cfg = cfg or Config(**{k: v for k, v in arch["config"].items() if k in {f.name for f in fields(Config)}})
+    tokenizer = None
+    if model is None:
+        device, dtype = devices(cfg)
+        model, tokenizer = load_model(arch["model"], device, dtype)
+    if weights is None and any(n not in ("full", "swa") for n in arch["layers"]):
+        from safetensors.torch import load_file
+        weights = load_file(arch["candidate_cache"])
+    return make_hybrid(model, arch["layers"], weights or {}, cfg), tokenizer
+
+# ----------------------------------------------------------------------------- main
+
+
+def devices(cfg: Config) -> tuple[str, torch.dtype]:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DashError("--device cuda: no CUDA GPU is visible")
+    if cfg.kernels not in ("auto", "fla", "torch"):
+        raise DashError(f"--kernels {cfg.kernels!r}: choose fla, torch or auto")
+    if cfg.kernels == "fla":
+        if not device.startswith("cuda"):
+            raise DashError("--kernels fla: fla's Triton kernels need a CUDA GPU; use --kernels torch on a CPU")
+        try:
+            import fla  # noqa: F401
+        except ImportError:
+            raise DashError("--kernels fla: flash-linear-attention is not installed (pip install -r requirements.txt)")
+    dtypes = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+              "bfloat16": torch.bfloat16, "float32": torch.float32}
+    if cfg.dtype not in dtypes:
+        raise DashError(f"--dtype {cfg.dtype!r}: choose bfloat16, float32 or auto")
+    return device, dtypes[cfg.dtype]
+
+
+def parse_args(argv=None, cls=Config, description="DASH: differentiable search for hybrid-attention LLMs"):
+    """The CLI is the config dataclass: one flag per field, its help from the field."""
+    ap = argparse.ArgumentParser(description=description)
+    for f in fields(cls):
+        kind = next((t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None)))
+        if kind is bool:
+            ap.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                            default=f.default, help=f.metadata["help"])
+        else:
+            ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
+                            metavar=kind.__name__.upper(), help=f.metadata["help"])
+    return cls(**vars(ap.parse_args(argv)))
+
+
+def run(cfg: Config) -> dict:
+    names = candidate_names(cfg.candidates)
+    device, dtype = devices(cfg)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model, device, dtype)
+    cfg = resolve(cfg, len(model.model.layers))
+    print(json.dumps(asdict(cfg), indent=1))
+    import prepare_candidates  # here, not at the top: it imports this file
+    cache, weights = prepare_candidates.load_or_prepare(model, tokenizer, names, cfg)
+    ops = make_ops(model, names, cfg)
+    load_candidates(ops, weights, cache)
+    install(model, ops)
+    steps = max(1, cfg.tokens // (cfg.batch_size * cfg.seq_len))
+    batches = token_batches(tokenizer, cfg.data, steps, cfg.batch_size, cfg.seq_len)
+    result = search(model, batches, names, cfg)
+    arch = export(result, names, cfg, batches.numel(), cache)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "arch.json").write_text(json.dumps(arch, indent=1))
+    print(f"full attention in layers {arch['full_layers']}; architecture: {' '.join(arch['layers'])}")
+    print(f"wrote {out / 'arch.json'} ({arch['tokens']:,} tokens, {arch['wall_time_s']} s)")
+    if cfg.check_samples:
+        import eval_ruler
+        restore_teacher(model)
+        eval_ruler.retrieval_check(model, tokenizer, arch, weights, cfg)
+    return arch
+
+
+def main(argv=None):
+    try:
+        run(parse_args(argv))
+    except DashError as e:
+        sys.exit(f"dash: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random Qwen2 models with a real (tiny) tokenizer, saved like hub checkpoints."""
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dash  # noqa: E402
+
+
+def stdlib_text(n_files: int = 6) -> str:
+    """Offline text that exists on every machine: some of Python's own standard library."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return "\n".join((root / f).read_text() for f in ["argparse.py", "textwrap.py", "json/decoder.py",
+                                                     "string.py", "shlex.py", "fnmatch.py"][:n_files])
+
+
+def make_tokenizer(vocab: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([stdlib_text()], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def make_model_dir(path: Path, seed: int = 0, layers: int = 4) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer()
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # bigger attention logits than the default init, so that operators differ clearly
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def other_tiny_dir(tmp_path_factory) -> Path:
+    """Same shape as tiny_dir, other weights: a cache made for one must be refused for the other."""
+    return make_model_dir(tmp_path_factory.mktemp("other"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text(stdlib_text())
+    return path
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    """A fresh (model, tokenizer) of the tiny checkpoint, float32 on CPU."""
+    return dash.load_model(str(tiny_dir))
+
+
+def tiny_cfg(tiny_dir, text_file, **kw) -> dash.Config:
+    base = dict(model=str(tiny_dir), k=1, tokens=512, seq_len=64, batch_size=2, lr=0.1, window=8,
+                data=str(text_file), kernels="torch", device="cpu", prep_tokens=256, check_samples=0,
+                skip_below=0.0, log_every=1000)
+    base.update(kw)
+    return dash.Config(**base)

@@ -1,0 +1,361 @@
+"""The search core on tiny random Qwen2 models, CPU: operators, mixed layer, objective, search, export, CLI."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dash
+import prepare_candidates
+from conftest import tiny_cfg
+
+NAMES = ["full", "swa", "gla", "gdn"]
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# ----------------------------------------------------------------------------- operators
+
+def linear_inputs(B=2, T=63, H=3, K=8, V=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, V, generator=g)
+    return q, k, v, torch.randn(B, H, K, V, generator=g), g
+
+
+@pytest.mark.parametrize("T", [1, 15, 63, 130])
+def test_gla_chunked_is_the_recurrence(T):
+    q, k, v, s0, gen = linear_inputs(T=T)
+    g = (F.logsigmoid(torch.randn(q.shape, generator=gen) * 4) / 2).clamp_min(dash.GLA.floor)
+    ins = [t.clone().requires_grad_() for t in (q, k, v, g, s0)]
+    ref = [t.clone().requires_grad_() for t in (q, k, v, g, s0)]
+    o, S = dash.gla_chunked(*ins[:4], 0.3, ins[4])
+    o_ref, S_ref = dash.gla_recurrent(*ref[:4], 0.3, ref[4])
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+    do, dS = torch.randn_like(o), torch.randn_like(S)
+    ((o * do).sum() + (S * dS).sum()).backward()
+    ((o_ref * do).sum() + (S_ref * dS).sum()).backward()
+    for a, b in zip(ins, ref):
+        assert rel(a.grad, b.grad) < 1e-4
+
+
+@pytest.mark.parametrize("T", [1, 15, 63, 130])
+def test_gdn_chunked_is_the_recurrence(T):
+    q, k, v, s0, gen = linear_inputs(T=T)
+    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    g = F.logsigmoid(torch.randn(q.shape[:3], generator=gen) * 2)
+    beta = torch.rand(q.shape[:3], generator=gen)
+    ins = [t.clone().requires_grad_() for t in (q, k, v, g, beta, s0)]
+    ref = [t.clone().requires_grad_() for t in (q, k, v, g, beta, s0)]
+    o, S = dash.gdn_chunked(*ins[:5], 0.3, ins[5])
+    o_ref, S_ref = dash.gdn_recurrent(*ref[:5], 0.3, ref[5])
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+    do, dS = torch.randn_like(o), torch.randn_like(S)
+    ((o * do).sum() + (S * dS).sum()).backward()
+    ((o_ref * do).sum() + (S_ref * dS).sum()).backward()
+    for a, b in zip(ins, ref):
+        assert rel(a.grad, b.grad) < 1e-4
+
+
+def test_the_delta_rule_recalls_what_it_wrote():
+    """A known answer: with no decay and beta = 1, writing v at an orthonormal key and reading it back returns v."""
+    K = V = 4
+    k = torch.eye(K)[None, :, None, :]                      # (1, 4, 1, 4): four orthonormal keys
+    v = torch.randn(1, K, 1, V)
+    o, S = dash.gdn_recurrent(k, k, v, torch.zeros(1, K, 1), torch.ones(1, K, 1), 1.0)
+    assert torch.allclose(o, v, atol=1e-6)
+    assert torch.allclose(S[0, 0], v[0, :, 0], atol=1e-6)   # the memory holds v_i at row i
+
+
+def test_sliding_window_sees_only_the_window(tiny):
+    """The window operator equals full attention when the window covers the sequence, and differs otherwise;
+    with window 1 each token only sees itself, so the output is its own value."""
+    model, _ = tiny
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 20, model.config.hidden_size)
+    rope = model.model.rotary_emb(x, torch.arange(20)[None])
+    p = dash.project(attn, x, rope)
+    full = dash.FullAttention(attn, None)(p)
+    wide = dash.SlidingWindowAttention(attn, dash.Config(window=20, kernels="torch"))(p)
+    narrow = dash.SlidingWindowAttention(attn, dash.Config(window=4, kernels="torch"))(p)
+    one = dash.SlidingWindowAttention(attn, dash.Config(window=1, kernels="torch"))(p)
+    assert torch.allclose(wide, full, atol=1e-5)
+    assert torch.allclose(narrow[:, :4], full[:, :4], atol=1e-5) and not torch.allclose(narrow, full, atol=1e-3)
+    assert torch.allclose(one, p.v.repeat_interleave(attn.num_key_value_groups, 2), atol=1e-6)
+
+
+def test_registry_and_unknown_operator():
+    assert dash.candidate_names("full, gla") == ["full", "gla"]
+    with pytest.raises(dash.DashError, match="unknown operator 'mamba'.*full, swa, gla, gdn"):
+        dash.candidate_names("full,mamba")
+    with pytest.raises(dash.DashError, match="need 'full'"):
+        dash.candidate_names("gla,gdn")
+
+# ----------------------------------------------------------------------------- mixed layer
+
+
+def mixed(model, cfg, names=NAMES):
+    ops = dash.make_ops(model, names, cfg)
+    dash.install(model, ops)
+    return ops
+
+
+def one_hot(L, n, i):
+    logits = torch.full((L, n), -torch.inf)
+    logits[:, i] = 0
+    return logits.softmax(-1)  # exactly 0 and 1
+
+
+def test_one_hot_full_is_the_teacher(tiny, text_file, tiny_dir):
+    model, _ = tiny
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    teacher = model(ids).logits
+    mixed(model, tiny_cfg(tiny_dir, text_file))
+    dash.set_weights(model, one_hot(4, 4, 0))
+    assert torch.equal(model(ids).logits, teacher)
+    dash.set_weights(model, None)  # teacher mode
+    assert torch.equal(model(ids).logits, teacher)
+
+
+def test_one_hot_candidate_is_that_candidate_and_uniform_is_the_mean(tiny, text_file, tiny_dir):
+    model, _ = tiny
+    ops = mixed(model, tiny_cfg(tiny_dir, text_file))
+    layer = model.model.layers[1].self_attn
+    x = torch.randn(2, 30, model.config.hidden_size)
+    rope = model.model.rotary_emb(x, torch.arange(30)[None])
+    p = dash.project(layer.attn, x, rope)
+    outs = {n: layer.attn.o_proj(op(p).flatten(2)) for n, op in ops[1].items()}
+    for i, n in enumerate(NAMES):
+        dash.set_weights(model, one_hot(4, 4, i))
+        assert torch.equal(layer(x, rope)[0], outs[n]), n
+    dash.set_weights(model, torch.full((4, 4), 0.25))
+    assert torch.allclose(layer(x, rope)[0], torch.stack(list(outs.values())).mean(0), atol=1e-5)
+    assert len({round(o.abs().sum().item(), 3) for o in outs.values()}) == 4  # the operators really differ
+
+
+def test_only_the_logits_get_gradients_and_weights_stay_bit_identical(tiny, text_file, tiny_dir, monkeypatch):
+    model, tok = tiny
+    cfg = dash.resolve(tiny_cfg(tiny_dir, text_file), 4)
+    ops = mixed(model, cfg)
+    for layer in ops:  # make the candidates' weights non-trivial, as prepared ones are
+        for op in layer.values():
+            for p in op.parameters():
+                p.data.add_(0.01 * torch.randn_like(p))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizers = []
+    real_adam = torch.optim.Adam
+    monkeypatch.setattr(torch.optim, "Adam", lambda params, **kw: optimizers.append(real_adam(params, **kw)) or optimizers[-1])
+    batches = dash.token_batches(tok, cfg.data, 3, 2, 32)
+    result = dash.search(model, batches, NAMES, cfg)
+    (opt,) = optimizers
+    (group,) = opt.param_groups
+    assert len(group["params"]) == 1 and group["params"][0].shape == (4, 4)  # the optimizer holds alpha alone
+    assert not torch.equal(result["alpha"], torch.zeros(4, 4))               # ... and alpha moved
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gradient_reaches_alpha_through_every_layer(tiny, text_file, tiny_dir):
+    model, _ = tiny
+    mixed(model, tiny_cfg(tiny_dir, text_file))
+    alpha = torch.zeros(4, 4, requires_grad=True)
+    dash.set_weights(model, alpha.softmax(-1))
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    model.model(input_ids=ids).last_hidden_state.pow(2).mean().backward()
+    assert (alpha.grad.abs().sum(-1) > 0).all()
+    assert all(p.grad is None for p in model.parameters())
+
+# ----------------------------------------------------------------------------- objective
+
+
+def test_chunked_kl_equals_unchunked():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hs, ht = torch.randn(2, 9, 16, requires_grad=True), torch.randn(2, 9, 16)
+    kl = dash.chunked_kl(hs, ht, head, chunk=4)
+    log_q, log_p = F.log_softmax(head(hs), -1), F.log_softmax(head(ht), -1)
+    ref = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    assert torch.allclose(kl, ref, atol=1e-6)
+    g, = torch.autograd.grad(kl, hs)
+    g_ref, = torch.autograd.grad(ref, hs)
+    assert torch.allclose(g, g_ref, atol=1e-6)
+    assert dash.chunked_kl(ht, ht, head, 4).abs() < 1e-6
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_budget_term_moves_expected_full_layers_to_k(k):
+    cfg = dash.Config(k=k, entropy=0.0)
+    alpha = torch.zeros(4, 3, requires_grad=True)  # uniform: E[full] = 4/3
+    opt = torch.optim.Adam([alpha], lr=0.05)
+    for _ in range(200):
+        w = alpha.softmax(-1)
+        loss = sum(dash.regularizers(w, ["full", "swa", "gla"], cfg, torch.ones(3), 1.0).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert abs(alpha.softmax(-1)[:, 0].sum().item() - k) < 0.05
+
+
+def test_other_regularizers_push_the_right_way():
+    cfg = dash.Config(k=2, budget=0.0, cost=1.0, entropy=1.0, continuity=1.0)
+    w = torch.tensor([[0.5, 0.5], [0.5, 0.5], [1.0, 0.0]])
+    terms = dash.regularizers(w, ["full", "swa"], cfg, torch.tensor([1.0, 0.1]), progress=1.0)
+    assert terms["entropy"].item() == pytest.approx(2 / 3)          # two of three layers undecided
+    assert terms["continuity"].item() == pytest.approx(0.25)        # one jump of 0.5 over two pairs
+    assert terms["cost"].item() == pytest.approx((0.55 + 0.55 + 1.0) / 3)
+
+
+def test_temperature_anneals_from_start_to_end():
+    cfg = dash.Config(tau_start=1.0, tau_end=0.1)
+    assert dash.tau_at(0, 11, cfg) == 1.0 and dash.tau_at(10, 11, cfg) == pytest.approx(0.1)
+    assert dash.tau_at(5, 11, cfg) == pytest.approx(0.1 ** 0.5)
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_export_keeps_the_k_most_wanted_layers():
+    probs = torch.tensor([[0.1, 0.2, 0.7], [0.8, 0.1, 0.1], [0.3, 0.6, 0.1], [0.5, 0.1, 0.4]])
+    assert dash.choose_layers(probs, ["full", "swa", "gla"], k=2) == ["gla", "full", "swa", "full"]
+    assert dash.choose_layers(probs, ["full", "swa", "gla"], k=1) == ["gla", "full", "swa", "gla"]
+    assert dash.choose_layers(probs, ["full", "swa", "gla"], threshold=0.25) == ["gla", "full", "full", "full"]
+
+
+def test_cli_end_to_end_writes_an_architecture_that_builds_a_working_hybrid(tiny_dir, text_file, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cands.safetensors"
+    dash.main(["--model", str(tiny_dir), "--data", str(text_file), "--tokens", "512", "--seq-len", "64",
+               "--batch-size", "2", "--k", "1", "--window", "8", "--prep-tokens", "256", "--cache", str(cache),
+               "--out", str(out), "--check-samples", "0", "--device", "cpu"])
+    arch = json.loads((out / "arch.json").read_text())
+    assert arch["candidates"] == NAMES and arch["k"] == 1 and arch["tokens"] == 512
+    assert len(arch["layers"]) == 4 and arch["layers"].count("full") == 1
+    assert all(n in NAMES for n in arch["layers"]) and len(arch["probabilities"]) == 4
+    assert arch["config"]["seed"] == 0 and arch["wall_time_s"] >= 0 and arch["candidate_cache"] == str(cache)
+    p_full = torch.tensor(arch["probabilities"])[:, 0]
+    assert arch["full_layers"] == [int(p_full.argmax())]
+    model, tok = dash.build_hybrid(out / "arch.json")
+    assert [type(l.self_attn).__name__ for l in model.model.layers].count("Qwen2Attention") == 1
+    ids = tok("def main(argv):", return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape == (1, ids.shape[1] + 5)
+    assert json.loads(json.dumps(arch)) == arch  # round-trips
+
+
+# ----------------------------------------------------------------------------- candidates cache
+
+
+def test_prepare_lowers_the_alignment_loss_and_the_cache_round_trips(tiny, tiny_dir, text_file, tmp_path):
+    model, tok = tiny
+    cfg = dash.resolve(tiny_cfg(tiny_dir, text_file, cache=str(tmp_path / "c.safetensors"), prep_tokens=1024), 4)
+    path, weights = prepare_candidates.load_or_prepare(model, tok, NAMES, cfg)
+    report = json.loads((tmp_path / "c.json").read_text())
+    for layer in report["layers"]:
+        for n in ("gla", "gdn"):
+            assert layer[n]["after"] < layer[n]["before"], (n, layer)
+        assert layer["swa"]["after"] == layer["swa"]["before"]  # nothing to train
+    # loaded back, the operators give bit-identical outputs
+    ops_a, ops_b = dash.make_ops(model, NAMES, cfg), dash.make_ops(model, NAMES, cfg)
+    dash.load_candidates(ops_a, weights)
+    _, again = prepare_candidates.load_or_prepare(model, tok, NAMES, cfg)  # found, not prepared again
+    dash.load_candidates(ops_b, again)
+    attn = model.model.layers[2].self_attn
+    x = torch.randn(1, 20, 64)
+    p = dash.project(attn, x, model.model.rotary_emb(x, torch.arange(20)[None]))
+    for n in ("gla", "gdn"):
+        assert torch.equal(ops_a[2][n](p), ops_b[2][n](p))
+    assert report["tokens"] == 1024 and report["wall_time_s"] > 0
+
+
+def test_cache_for_another_model_is_refused(tiny_dir, other_tiny_dir, text_file, tmp_path):
+    cache = tmp_path / "c.safetensors"
+    cfg = dash.resolve(tiny_cfg(tiny_dir, text_file, cache=str(cache)), 4)
+    model, tok = dash.load_model(str(tiny_dir))
+    prepare_candidates.load_or_prepare(model, tok, NAMES, cfg)
+    other, tok = dash.load_model(str(other_tiny_dir))
+    cfg_other = dash.resolve(tiny_cfg(other_tiny_dir, text_file, cache=str(cache)), 4)
+    with pytest.raises(dash.DashError, match="prepared for another model"):
+        prepare_candidates.load_or_prepare(other, tok, NAMES, cfg_other)
+    cfg_window = dash.resolve(tiny_cfg(tiny_dir, text_file, cache=str(cache), window=16), 4)
+    with pytest.raises(dash.DashError, match="other settings for 'swa'"):
+        prepare_candidates.load_or_prepare(model, tok, NAMES, cfg_window)
+
+
+def test_rerun_skips_and_interrupted_run_resumes(tiny, tiny_dir, text_file, tmp_path, monkeypatch, capsys):
+    model, tok = tiny
+    pcfg = prepare_candidates.resolve(prepare_candidates.PrepConfig(
+        model=str(tiny_dir), tokens=1024, seq_len=64, batch_size=2, data=str(text_file), window=8,
+        kernels="torch", save_every=3, eval_batches=1))
+    names = ["swa", "gla", "gdn"]
+    fp = prepare_candidates.fingerprint(model, names, pcfg)
+    path = tmp_path / "c.safetensors"
+    full = prepare_candidates.prepare(model, tok, pcfg, path, fp)  # 8 steps straight through
+    reference = prepare_candidates.load_file(str(path))
+    path.unlink()
+    # interrupt the same run after step 4 (a checkpoint was written at 3), then run it again
+    real_capture, calls = prepare_candidates.capture, []
+
+    def dying_capture(m, ids):
+        calls.append(1)
+        if len(calls) == 1 + 1 + 4 + 1:  # calibration, eval before, steps 0..3, then the fifth step
+            raise KeyboardInterrupt
+        return real_capture(m, ids)
+    monkeypatch.setattr(prepare_candidates, "capture", dying_capture)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_candidates.prepare(model, tok, pcfg, path, fp)
+    assert path.with_suffix(".partial.pt").exists() and not path.exists()
+    monkeypatch.setattr(prepare_candidates, "capture", real_capture)
+    resumed = prepare_candidates.prepare(model, tok, pcfg, path, fp)
+    assert "resuming from" in capsys.readouterr().out
+    assert len(resumed["curve"]) == 8 - 3
+    weights = prepare_candidates.load_file(str(path))
+    assert all(torch.allclose(weights[k], reference[k], atol=1e-6) for k in reference)
+    assert full["curve"][3:] == pytest.approx(resumed["curve"], abs=1e-5)
+    # and the CLI finds the finished file and does nothing
+    prepare_candidates.main(["--model", str(tiny_dir), "--tokens", "1024", "--seq-len", "64", "--batch-size", "2",
+                             "--data", str(text_file), "--window", "8", "--kernels", "torch",
+                             "--save-every", "3", "--eval-batches", "1", "--cache", str(path)])
+    assert "nothing to do" in capsys.readouterr().out
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_get_one_clear_message(tiny_dir, text_file, tmp_path, capsys):
+    def fails(args, match):
+        with pytest.raises(SystemExit) as e:
+            dash.main(["--model", str(tiny_dir), "--data", str(text_file), "--device", "cpu", "--out",
+                       str(tmp_path), "--check-samples", "0"] + args)
+        assert e.value.code.startswith("dash: ") and match in e.value.code, e.value.code
+
+    fails(["--candidates", "full,mamba"], "unknown operator 'mamba'")
+    fails(["--k", "4"], "--k 4 is out of range: the model has 4 layers")
+    fails(["--k", "0"], "out of range")
+    fails(["--kernels", "fla"], "fla's Triton kernels need a CUDA GPU")
+    fails(["--no-prepare", "--cache", str(tmp_path / "none.safetensors")], "no candidate cache at")
+    fails(["--data", str(tmp_path / "nope.txt")], "no such file")
+    notlm = tmp_path / "vit"
+    from transformers import ViTConfig
+    ViTConfig().save_pretrained(notlm)
+    fails(["--model", str(notlm)], "is not a causal language model")
+    fails(["--model", str(tmp_path / "missing")], "could not load")
+
+
+def test_offline_hub_data_says_what_to_pass(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(dash.DashError, match="Offline, pass local text with --data"):
+        next(dash.read_texts("hub:allenai/c4/en/c4-train.00000-of-01024.json.gz"))
+
+
+def test_data_reads_txt_jsonl_and_gz(tmp_path, tiny):
+    import gzip
+    _, tok = tiny
+    (tmp_path / "a.txt").write_text("hello world " * 50)
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "jsonl line " * 50}) + "\n")
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "gzipped " * 50}) + "\n")
+    docs = list(dash.read_texts(str(tmp_path)))
+    assert [d.split()[0] for d in docs] == ["hello", "jsonl", "gzipped"]
+    batches = dash.token_batches(tok, str(tmp_path), 2, 2, 16)
+    assert batches.shape == (2, 2, 16)
+    with pytest.raises(dash.DashError, match="lower --tokens"):
+        dash.token_batches(tok, str(tmp_path), 1000, 2, 16)
