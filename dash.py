@@ -662,7 +662,8 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config) -> dict:
         opt.step()
         with torch.no_grad():
             w = F.softmax(alpha / tau, dim=-1)
-            rec = dict(step=step, loss=loss.item(), kl=kl.item(), tau=tau, full=w[:, names.index("full")].sum().item())
+            rec = dict(step=step, loss=loss.item(), kl=kl.item(), tau=tau, full=w[:, names.index("full")].sum().item(),
+                       time=time.time() - t0)
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", full=f"{rec['full']:.2f}", tau=f"{tau:.2f}")
         if (step + 1) % cfg.log_every == 0 or step == steps - 1:

@@ -185,8 +185,9 @@ def evaluate(model, ops, batches) -> list[dict[str, float]]:
     return total
 
 
-def prepare(model, tokenizer, pcfg: PrepConfig, path: Path, fp: dict) -> dict:
-    """Align every operator in every layer; write the weights (with the fingerprint) and a report."""
+def prepare(model, tokenizer, pcfg: PrepConfig, path: Path, fp: dict, data: torch.Tensor | None = None) -> dict:
+    """Align every operator in every layer; write the weights (with the fingerprint) and a report.
+    data: (steps + eval_batches, batch, seq) token ids, instead of reading pcfg.data (the benchmark's)."""
     names = pcfg.candidates.split(",")
     device = next(model.parameters()).device
     dash.restore_teacher(model)
@@ -194,7 +195,8 @@ def prepare(model, tokenizer, pcfg: PrepConfig, path: Path, fp: dict) -> dict:
     ops = dash.make_ops(model, names, pcfg)
     params = [p for layer in ops for op in layer.values() for p in op.parameters()]
     steps = max(1, pcfg.tokens // (pcfg.batch_size * pcfg.seq_len))
-    data = dash.token_batches(tokenizer, pcfg.data, steps + pcfg.eval_batches, pcfg.batch_size, pcfg.seq_len)
+    if data is None:
+        data = dash.token_batches(tokenizer, pcfg.data, steps + pcfg.eval_batches, pcfg.batch_size, pcfg.seq_len)
     train, held_out = data[:steps], data[steps:].to(device)
     print(f"aligning {', '.join(names)} in {len(ops)} layers: {sum(p.numel() for p in params):,} new parameters, "
           f"{steps} steps of {pcfg.batch_size}x{pcfg.seq_len} tokens; teacher and its projections frozen")
@@ -213,7 +215,7 @@ def prepare(model, tokenizer, pcfg: PrepConfig, path: Path, fp: dict) -> dict:
     else:
         calibrate(model, ops, train[0].to(device))
         before = evaluate(model, ops, held_out)
-    attns, curve = dash.teacher_attention(model), []
+    attns, curve, step_times = dash.teacher_attention(model), [], []
     bar = tqdm(range(start, steps), desc="align", unit="step", initial=start, total=steps)
     for step in bar:
         losses = []
@@ -222,12 +224,13 @@ def prepare(model, tokenizer, pcfg: PrepConfig, path: Path, fp: dict) -> dict:
             if trainable:  # one layer's graph at a time: backward right away
                 loss = sum(nmse(op, attns[l], x, rope, target) for op in trainable)
                 loss.backward()
-                losses.append(loss.item() / len(trainable))
+                losses.append(loss.detach() / len(trainable))
         if opt:
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-        curve.append(sum(losses) / max(1, len(losses)))
+        curve.append(torch.stack(losses).mean().item() if losses else 0.0)  # one host sync per step
+        step_times.append(time.time() - t0)
         bar.set_postfix(nmse=f"{curve[-1]:.4f}")
         if opt and ((step + 1) % pcfg.save_every == 0) and step + 1 < steps:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +238,7 @@ def prepare(model, tokenizer, pcfg: PrepConfig, path: Path, fp: dict) -> dict:
                             opt=opt.state_dict(), sched=sched.state_dict(), before=before), partial)
     after = evaluate(model, ops, held_out)
     report = dict(fingerprint=fp, tokens=steps * pcfg.batch_size * pcfg.seq_len, wall_time_s=round(time.time() - t0, 1),
-                  device=str(device), curve=[round(c, 5) for c in curve],
+                  device=str(device), curve=[round(c, 5) for c in curve], step_times=[round(t, 3) for t in step_times],
                   layers=[{n: dict(before=round(b[n], 5), after=round(a[n], 5)) for n in names}
                           for b, a in zip(before, after)])
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,156 @@
+"""Speed and memory of the search and of the candidate preparation on a Qwen2.5-3B-shaped model (random weights:
+same speed and memory as the real one). Run by hand on a CUDA GPU; not collected by pytest.
+
+    python tests/benchmark.py --out bench.json
+
+Measures, after a warm-up, in one run: the teacher's forward-only tokens/s on the same batches, search tokens/s in
+steady state, peak GPU memory, time to the first search step (autotuning included), preparation tokens/s, and
+model FLOPs utilisation from a FLOP count of the steps. Prints a table, writes JSON."""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dash  # noqa: E402
+import prepare_candidates  # noqa: E402
+
+QWEN3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+              num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+              tie_word_embeddings=True, rms_norm_eps=1e-6)
+
+
+def qwen3b():
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN3B), dtype=torch.bfloat16)
+    return model.eval().requires_grad_(False)
+
+
+def flops_per_token(c: dict, T: int, W: int, names: list[str]) -> dict:
+    """Matmul FLOPs per token (2 per multiply-add). Linear layers: 2 x params forward, 2 x params for the input
+    gradient alone (no weight gradients). Causal attention reads T/2 keys on average: 4 (T/2) H D forward
+    (QK and AV), 2.5x that backward. Linear candidates (chunk 64): about 4 (64 + D) H D per token forward."""
+    L, C, I, V = c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    H, Hkv = c["num_attention_heads"], c["num_key_value_heads"]
+    D = C // H
+    body = 2 * L * (2 * C * C + 2 * C * Hkv * D + 3 * C * I)          # q, o, k, v, gate/up/down
+    head = 2 * C * V
+    full = L * 4 * (T / 2) * H * D
+    ops = {"full": full, "swa": L * 4 * min(W, T / 2) * H * D, "gla": L * 4 * (64 + D) * H * D,
+           "gdn": L * 6 * (64 + D) * H * D}
+    mixed = sum(ops[n] for n in names)
+    teacher_fwd = body + head + full
+    search = (body + full + head             # teacher forward (its head runs inside the checkpointed KL)
+              + body + mixed + head          # mixed forward
+              + body + 2.5 * mixed + head    # backward, input gradients only
+              + 2 * head)                    # the KL's checkpoint recomputes both heads
+    prep = body + full + 3 * (2 * C * H * D + ops["gla"] + ops["gdn"]) / 1  # teacher fwd; per op o_proj + op, fwd+bwd
+    return dict(teacher_forward=teacher_fwd, search=search, prepare=prep)
+
+
+def measured_peak() -> float:
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192 ** 3 * 10 / (time.perf_counter() - t)
+
+
+def teacher_forward(model, batches) -> float:
+    """tokens/s of the plain causal-LM forward (with logits), no grad."""
+    with torch.no_grad():
+        model(input_ids=batches[0].cuda())  # warm-up
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for ids in batches[1:]:
+            model(input_ids=ids.cuda()).logits
+        torch.cuda.synchronize()
+    return batches[1:].numel() / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=40, help="search steps (the first 10 are warm-up)")
+    ap.add_argument("--prep-steps", type=int, default=25, help="preparation steps (the first 5 are warm-up)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--skip-below", type=float, default=dash.Config.skip_below)
+    ap.add_argument("--candidates", default="full,swa,gla,gdn")
+    ap.add_argument("--out", default="bench.json")
+    args = ap.parse_args()
+    B, T = args.batch_size, args.seq_len
+    names = dash.candidate_names(args.candidates)
+    gpu = torch.cuda.get_device_name()
+    peak_flops = measured_peak()
+    model = qwen3b()
+    g = torch.Generator().manual_seed(0)
+    batches = torch.randint(0, QWEN3B["vocab_size"], (max(args.steps, args.prep_steps + 1), B, T), generator=g)
+    flops = flops_per_token(QWEN3B, T, args.window, names)
+    res = dict(gpu=gpu, torch=torch.__version__, batch=B, seq_len=T, candidates=names, window=args.window,
+               skip_below=args.skip_below, measured_bf16_tflops=round(peak_flops / 1e12), flops_per_token=flops)
+    res["teacher_tok_s"] = teacher_forward(model, batches[:6])
+
+    # preparation: teacher forward with hooks, then each layer's gla and gdn take a step
+    pcfg = prepare_candidates.PrepConfig(model="qwen3b-shaped", candidates="gla,gdn", seq_len=T, batch_size=B,
+                                         tokens=args.prep_steps * B * T, window=args.window, eval_batches=1,
+                                         kernels="fla", data="random", save_every=10 ** 9)
+    fp = prepare_candidates.fingerprint(model, ["gla", "gdn"], pcfg)
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    report = prepare_candidates.prepare(model, None, pcfg, Path("/tmp/bench_cands.safetensors"), fp,
+                                        data=batches[:args.prep_steps + 1])
+    times = report["step_times"]
+    res["prepare_first_step_s"] = times[0]
+    res["prepare_tok_s"] = (len(times) - 5) * B * T / (times[-1] - times[4])
+    res["prepare_wall_s"] = time.perf_counter() - t0
+    res["prepare_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+
+    # search: every candidate in every layer, KL in chunks, only alpha trains
+    cfg = dash.resolve(dash.Config(model="qwen3b-shaped", candidates=",".join(names), k=5, tokens=args.steps * B * T,
+                                   seq_len=T, batch_size=B, window=args.window, kernels="fla",
+                                   skip_below=args.skip_below, log_every=10 ** 9, check_samples=0), 36)
+    ops = dash.make_ops(model, names, cfg)
+    if "gla" in names or "gdn" in names:
+        dash.load_candidates([{n: op for n, op in layer.items() if n in ("gla", "gdn")} for layer in ops],
+                             prepare_candidates.load_file("/tmp/bench_cands.safetensors"))
+    dash.install(model, ops)
+    torch.cuda.reset_peak_memory_stats()
+    result = dash.search(model, batches[:args.steps], names, cfg)
+    times = [h["time"] for h in result["history"]]
+    res["search_first_step_s"] = times[0]
+    res["search_tok_s"] = (len(times) - 10) * B * T / (times[-1] - times[9])
+    res["search_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    res["search_vs_teacher"] = res["search_tok_s"] / res["teacher_tok_s"]
+    res["minutes_for_12.3M"] = 12.3e6 / res["search_tok_s"] / 60
+    res["prepare_minutes_default"] = prepare_candidates.PREP_PAPER["tokens"] / res["prepare_tok_s"] / 60
+    for k in ("teacher", "search", "prepare"):
+        key = "teacher_forward" if k == "teacher" else k
+        res[f"{k}_mfu"] = res[f"{k}_tok_s"] * flops[key] / peak_flops
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    rows = [("GPU", gpu), ("batch x seq", f"{B} x {T}"), ("candidates", ",".join(names)),
+            ("teacher forward", f"{res['teacher_tok_s'] / 1e3:.1f}k tok/s  (MFU {res['teacher_mfu']:.0%})"),
+            ("search", f"{res['search_tok_s'] / 1e3:.1f}k tok/s  (MFU {res['search_mfu']:.0%}, "
+                       f"{res['search_vs_teacher']:.2f}x teacher forward)"),
+            ("search: 12.3M tokens", f"{res['minutes_for_12.3M']:.1f} min"),
+            ("search: first step", f"{res['search_first_step_s']:.1f} s"),
+            ("search: peak memory", f"{res['search_peak_gib']:.1f} GiB"),
+            ("prepare gla+gdn x 36", f"{res['prepare_tok_s'] / 1e3:.1f}k tok/s  (MFU {res['prepare_mfu']:.0%})"),
+            ("prepare: default budget", f"{res['prepare_minutes_default']:.1f} min for "
+                                        f"{prepare_candidates.PREP_PAPER['tokens'] / 1e6:.1f}M tokens"),
+            ("prepare: first step", f"{res['prepare_first_step_s']:.1f} s"),
+            ("prepare: peak memory", f"{res['prepare_peak_gib']:.1f} GiB"),
+            ("FLOP/token search", f"{flops['search'] / 1e9:.1f} G (measured bf16 peak {res['measured_bf16_tflops']} T)")]
+    print("\n".join(f"| {a} | {b} |" for a, b in rows))
+
+
+if __name__ == "__main__":
+    main()
