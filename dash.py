@@ -189,14 +189,14 @@ class SlidingWindowAttention(nn.Module):
     def forward(self, p: LayerInput) -> torch.Tensor:
         q, k = apply_rotary_pos_emb(p.q, p.k, *p.rope, unsqueeze_dim=2)  # (B, T, heads, D)
         v = p.v
-        if p.cache is None and p.mask is None and use_fla(q, self.kernels):
-            from fla.ops.attn import parallel_attn
-            return parallel_attn(q, k, v, scale=self.scaling, window_size=self.window)
         if p.cache is not None:
             slot = cache_slot(p.cache, self.layer_idx, DynamicSlidingWindowLayer,
                               lambda: DynamicSlidingWindowLayer(sliding_window=self.window))
             k, v = (t.transpose(1, 2) for t in slot.update(k.transpose(1, 2), v.transpose(1, 2)))
         T, S = q.shape[1], k.shape[1]  # the S keys are the last S positions, ending at the last query
+        if p.mask is None and T == S and use_fla(q, self.kernels):
+            from fla.ops.attn import parallel_attn
+            return parallel_attn(q, k, v, scale=self.scaling, window_size=self.window)
         dist = torch.arange(S - T, S, device=q.device)[:, None] - torch.arange(S, device=q.device)
         keep = (dist >= 0) & (dist < self.window) & keep_mask(p.mask, T, S, q.device)
         keep = keep | (dist == 0)  # a padding query sees itself: no all-masked row, no NaN
@@ -292,7 +292,8 @@ def gdn_chunked(q, k, v, g, beta, scale, state=None, C=32):
 
 
 def use_fla(t: torch.Tensor, kernels: str) -> bool:
-    return t.is_cuda and kernels != "torch"
+    """fla's kernels on CUDA in half precision (they refuse float32); the torch forms otherwise."""
+    return t.is_cuda and kernels != "torch" and t.dtype in (torch.bfloat16, torch.float16)
 
 
 class LinearAttention(nn.Module):
@@ -736,6 +737,8 @@ def devices(cfg: Config) -> tuple[str, torch.dtype]:
               "bfloat16": torch.bfloat16, "float32": torch.float32}
     if cfg.dtype not in dtypes:
         raise DashError(f"--dtype {cfg.dtype!r}: choose bfloat16, float32 or auto")
+    if cfg.kernels == "fla" and dtypes[cfg.dtype] == torch.float32:
+        raise DashError("--kernels fla runs in bfloat16; drop --dtype float32 or use --kernels torch")
     return device, dtypes[cfg.dtype]
 
 

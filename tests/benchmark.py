@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dash  # noqa: E402
+import eval_ruler  # noqa: E402
 import prepare_candidates  # noqa: E402
 
 QWEN3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
@@ -85,6 +86,7 @@ def main():
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--skip-below", type=float, default=dash.Config.skip_below)
     ap.add_argument("--candidates", default="full,swa,gla,gdn")
+    ap.add_argument("--lengths", default="4096,8192,16384,32768", help="context lengths of the inference table")
     ap.add_argument("--out", default="bench.json")
     args = ap.parse_args()
     B, T = args.batch_size, args.seq_len
@@ -135,7 +137,23 @@ def main():
     for k in ("teacher", "search", "prepare"):
         key = "teacher_forward" if k == "teacher" else k
         res[f"{k}_mfu"] = res[f"{k}_tok_s"] * flops[key] / peak_flops
+
+    # inference: what a hybrid saves (batch 1, prefill then 64 greedy tokens). K = 5 full-attention layers at
+    # hybrid-distillation's KL-guided placement, the other 31 all Gated DeltaNet or all a 512-token window.
+    dash.restore_teacher(model)
+    weights = prepare_candidates.load_file("/tmp/bench_cands.safetensors")
+    full5 = eval_ruler.HYBRID_DISTILLATION["kl_guided"][5]
+    hybrids = {"teacher": ["full"] * 36, "5 full + 31 gdn": ["full" if l in full5 else "gdn" for l in range(36)],
+               "5 full + 31 swa": ["full" if l in full5 else "swa" for l in range(36)]}
+    res["inference"] = {}
+    for name, layers in hybrids.items():
+        dash.make_hybrid(model, layers, weights, cfg)
+        for length in map(int, args.lengths.split(",")):
+            res["inference"][f"{name} @ {length}"] = eval_ruler.speed(model, length)
+            print(name, length, res["inference"][f"{name} @ {length}"], flush=True)
+    dash.restore_teacher(model)
     Path(args.out).write_text(json.dumps(res, indent=1))
+    print(eval_ruler.table(res["inference"], "inference, batch 1: prefill, 64 decoded tokens"))
     rows = [("GPU", gpu), ("batch x seq", f"{B} x {T}"), ("candidates", ",".join(names)),
             ("teacher forward", f"{res['teacher_tok_s'] / 1e3:.1f}k tok/s  (MFU {res['teacher_mfu']:.0%})"),
             ("search", f"{res['search_tok_s'] / 1e3:.1f}k tok/s  (MFU {res['search_mfu']:.0%}, "
