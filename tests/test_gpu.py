@@ -21,7 +21,7 @@ def rms_err(a, b):
     return ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt()).item()
 
 
-def qwen_attention(hidden=1024, heads=8, kv=2, head_dim=128):
+def qwen_attention(hidden=2048, heads=16, kv=2, head_dim=128):
     """One Qwen2 attention module at the 3B model's head size, with trained-looking (non-tiny) weights."""
     from transformers import Qwen2Config
     from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2RotaryEmbedding
@@ -49,7 +49,7 @@ def run_op(name, attn, rope_emb, x, kernels, dtype):
 
 
 @pytest.mark.parametrize("name", ["gla", "gdn", "swa"])
-@pytest.mark.parametrize("T", [63, 1000, 2048])
+@pytest.mark.parametrize("T", [63, 2048])  # odd, and the search length (shapes shared with the benchmark: autotuned once)
 def test_fla_path_matches_the_reference(name, T):
     attn, rope = qwen_attention()
     x = torch.randn(2, T, attn.config.hidden_size, device="cuda")
