@@ -20,6 +20,8 @@ import argparse
 import gzip
 import json
 import math
+import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -69,6 +71,8 @@ class Config:
     entropy: float = opt(0.05, "weight of the entropy term, ramped up over the search: decisive choices at the end")
     continuity: float = opt(0.0, "weight of the continuity term: adjacent layers prefer the same operator")
     skip_below: float = opt(1e-3, "skip an operator in a layer while its weight is below this (saves compute)")
+    grad: str = opt("exact", "exact: backpropagate through every operator; teacher: through the teacher's "
+                             "attention only (straight-through; cheap operators run forward only: faster, less memory)")
     window: int | None = opt(None, "sliding-window size of 'swa' (default: 512; 64 for the small model)")
     data: str | None = opt(None, "text: .txt/.jsonl/.jsonl.gz files or folders, or hub:owner/name/path (default: "
                                  "the model folder's search_data.jsonl.gz if it has one, else a C4 shard)")
@@ -436,7 +440,7 @@ class MixedAttention(nn.Module):
         super().__init__()
         self.attn = attn
         self.ops = nn.ModuleDict(ops)
-        self.weights, self.active = None, None  # (n_ops,) tensor and a list of bools, set by set_weights()
+        self.weights, self.active, self.grad = None, None, "exact"  # set by set_weights() every step
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
         p = project(self.attn, hidden_states, position_embeddings, attention_mask, past_key_values)
@@ -445,8 +449,23 @@ class MixedAttention(nn.Module):
         elif self.weights is None:
             y = self.ops["full"](p)
         else:
-            y = sum(w.to(p.q.dtype) * op(p) for w, op, on in zip(self.weights, self.ops.values(), self.active) if on)
+            full = self.ops["full"](p) if self.grad == "teacher" else None
+            y = sum(w.to(p.q.dtype) * self.output(name, op, p, full)
+                    for (name, op), w, on in zip(self.ops.items(), self.weights, self.active)
+                    if on or (name == "full" and full is not None))
         return self.attn.o_proj(y.flatten(2)), None
+
+    def output(self, name: str, op: nn.Module, p: LayerInput, full: torch.Tensor | None) -> torch.Tensor:
+        """op's output. With the straight-through gradient (full given), a cheap operator runs without autograd
+        and takes the teacher's way back: its value is y_i, its derivative that of the teacher's attention.
+        The logits' gradient, y_i . dL/dy, stays exact; earlier layers see the teacher's Jacobian."""
+        if full is None:
+            return op(p)
+        if name == "full":
+            return full
+        with torch.no_grad():
+            y = op(p)
+        return y + (full - full.detach())
 
 # ----------------------------------------------------------------------------- model surgery
 
@@ -492,13 +511,14 @@ def restore_teacher(model):
     return model
 
 
-def set_weights(model, w: torch.Tensor | None, skip_below: float = 0.0):
+def set_weights(model, w: torch.Tensor | None, skip_below: float = 0.0, grad: str = "exact"):
     """Give layer l the operator weights w[l] ((L, n_ops); None: the teacher). One host copy per step decides
     which operators run, instead of a device sync per operator and layer."""
     active = None if w is None else (w.detach().cpu() > skip_below).tolist()
     for l, layer in enumerate(model.model.layers):
         layer.self_attn.weights = None if w is None else w[l]
         layer.self_attn.active = None if w is None else active[l]
+        layer.self_attn.grad = grad
 
 
 def load_op(op: nn.Module, state: dict[str, torch.Tensor], prefix: str, where: str = "the candidate cache"):
@@ -653,7 +673,7 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config) -> dict:
             h_teacher = model.model(input_ids=ids, use_cache=False).last_hidden_state
         tau = tau_at(step, steps, cfg)
         w = F.softmax(alpha / tau, dim=-1)
-        set_weights(model, w, cfg.skip_below)
+        set_weights(model, w, cfg.skip_below, cfg.grad)
         h_student = model.model(input_ids=ids, use_cache=False).last_hidden_state
         kl = chunked_kl(h_student, h_teacher, head, cfg.kl_chunk)
         terms = regularizers(w, names, cfg, costs, step / max(1, steps - 1))
@@ -739,7 +759,20 @@ def devices(cfg: Config) -> tuple[str, torch.dtype]:
         raise DashError(f"--dtype {cfg.dtype!r}: choose bfloat16, float32 or auto")
     if cfg.kernels == "fla" and dtypes[cfg.dtype] == torch.float32:
         raise DashError("--kernels fla runs in bfloat16; drop --dtype float32 or use --kernels torch")
+    if cfg.grad not in ("exact", "teacher"):
+        raise DashError(f"--grad {cfg.grad!r}: choose exact or teacher")
+    if device.startswith("cuda"):
+        use_fla_configs()
     return device, dtypes[cfg.dtype]
+
+
+def use_fla_configs():
+    """fla's autotuning results shipped for this GPU (fla_configs/<GPU>/), so that the first step does not spend
+    minutes autotuning. fla reads them at import; an explicit FLA_CONFIG_DIR / FLA_CACHE_MODE wins."""
+    gpu = re.sub(r"[^0-9A-Za-z]+", "_", torch.cuda.get_device_name()).strip("_")
+    if (HERE / "fla_configs" / gpu).is_dir():
+        os.environ.setdefault("FLA_CONFIG_DIR", str(HERE / "fla_configs" / gpu))
+        os.environ.setdefault("FLA_CACHE_MODE", "fuzzy")  # fuzzy: a config tuned at one length serves all
 
 
 def parse_args(argv=None, cls=Config, description="DASH: differentiable search for hybrid-attention LLMs"):

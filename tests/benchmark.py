@@ -7,7 +7,9 @@ Measures, after a warm-up, in one run: the teacher's forward-only tokens/s on th
 steady state, peak GPU memory, time to the first search step (autotuning included), preparation tokens/s, and
 model FLOPs utilisation from a FLOP count of the steps. Prints a table, writes JSON."""
 import argparse
+import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -77,6 +79,26 @@ def teacher_forward(model, batches) -> float:
     return batches[1:].numel() / (time.perf_counter() - t)
 
 
+def dump_fla_configs(out: Path):
+    """fla's autotuning results of this process, in the format fla reads from FLA_CONFIG_DIR
+    ({kernel}.json: autotune_entries keyed by the hash of the autotune key)."""
+    import triton
+    from fla.ops.utils.cache import AutotuneKey, CachedAutotuner
+    out.mkdir(parents=True, exist_ok=True)
+    for tuner in (o for o in gc.get_objects() if isinstance(o, CachedAutotuner) and o.cache):
+        entries = {AutotuneKey.key_hash(key): dict(autotune_key=AutotuneKey.normalize_autotune_key(list(key)),
+                                                   config=dict(kwargs=c.kwargs, num_warps=c.num_warps,
+                                                               num_stages=c.num_stages, num_ctas=getattr(c, "num_ctas", 1),
+                                                               maxnreg=getattr(c, "maxnreg", None)))
+                   for key, c in tuner.cache.items()}
+        path = out / f"{tuner.kernel_name}.json"
+        if path.exists():  # one kernel name, several autotuners (e.g. forward and backward instances)
+            entries = {**json.loads(path.read_text())["autotune_entries"], **entries}
+        path.write_text(json.dumps(dict(kernel_name=tuner.kernel_name, triton_version=triton.__version__,
+                                        autotune_entries=entries), indent=1))
+    print(f"wrote fla autotune configs for {len(list(out.glob('*.json')))} kernels to {out}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40, help="search steps (the first 10 are warm-up)")
@@ -86,9 +108,16 @@ def main():
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--skip-below", type=float, default=dash.Config.skip_below)
     ap.add_argument("--candidates", default="full,swa,gla,gdn")
-    ap.add_argument("--lengths", default="4096,8192,16384,32768", help="context lengths of the inference table")
+    ap.add_argument("--grads", default="exact,teacher", help="search variants (dash.py --grad) to time")
+    ap.add_argument("--profile", action="store_true", help="profile 3 exact search steps: top CUDA kernels")
+    ap.add_argument("--fla-configs", default=None, help="load fla autotune configs from here (FLA_CACHE_MODE=fuzzy)")
+    ap.add_argument("--dump-fla-configs", default=None, help="write fla's autotuning results here at the end")
+    ap.add_argument("--lengths", default="4096,8192,16384,32768", help="context lengths of the inference table "
+                                                                      "('' for none)")
     ap.add_argument("--out", default="bench.json")
     args = ap.parse_args()
+    if args.fla_configs:  # before fla is imported
+        os.environ.update(FLA_CONFIG_DIR=args.fla_configs, FLA_CACHE_MODE="fuzzy")
     B, T = args.batch_size, args.seq_len
     names = dash.candidate_names(args.candidates)
     gpu = torch.cuda.get_device_name()
@@ -100,73 +129,94 @@ def main():
     res = dict(gpu=gpu, torch=torch.__version__, batch=B, seq_len=T, candidates=names, window=args.window,
                skip_below=args.skip_below, measured_bf16_tflops=round(peak_flops / 1e12), flops_per_token=flops)
     res["teacher_tok_s"] = teacher_forward(model, batches[:6])
+    res["teacher_mfu"] = res["teacher_tok_s"] * flops["teacher_forward"] / peak_flops
 
     # preparation: teacher forward with hooks, then each layer's gla and gdn take a step
-    pcfg = prepare_candidates.PrepConfig(model="qwen3b-shaped", candidates="gla,gdn", seq_len=T, batch_size=B,
-                                         tokens=args.prep_steps * B * T, window=args.window, eval_batches=1,
-                                         kernels="fla", data="random", save_every=10 ** 9)
-    fp = prepare_candidates.fingerprint(model, ["gla", "gdn"], pcfg)
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    report = prepare_candidates.prepare(model, None, pcfg, Path("/tmp/bench_cands.safetensors"), fp,
-                                        data=batches[:args.prep_steps + 1])
-    times = report["step_times"]
-    res["prepare_first_step_s"] = times[0]
-    res["prepare_tok_s"] = (len(times) - 5) * B * T / (times[-1] - times[4])
-    res["prepare_wall_s"] = time.perf_counter() - t0
-    res["prepare_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    weights = {}
+    if args.prep_steps:
+        pcfg = prepare_candidates.PrepConfig(model="qwen3b-shaped", candidates="gla,gdn", seq_len=T, batch_size=B,
+                                             tokens=args.prep_steps * B * T, window=args.window, eval_batches=1,
+                                             kernels="fla", data="random", save_every=10 ** 9)
+        fp = prepare_candidates.fingerprint(model, ["gla", "gdn"], pcfg)
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        report = prepare_candidates.prepare(model, None, pcfg, Path("/tmp/bench_cands.safetensors"), fp,
+                                            data=batches[:args.prep_steps + 1])
+        times = report["step_times"]
+        skip = min(5, len(times) - 2)
+        res["prepare_first_step_s"] = times[0]
+        res["prepare_tok_s"] = (len(times) - 1 - skip) * B * T / (times[-1] - times[skip])
+        res["prepare_wall_s"] = time.perf_counter() - t0
+        res["prepare_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        res["prepare_minutes_default"] = prepare_candidates.PREP_PAPER["tokens"] / res["prepare_tok_s"] / 60
+        res["prepare_mfu"] = res["prepare_tok_s"] * flops["prepare"] / peak_flops
+        weights = prepare_candidates.load_file("/tmp/bench_cands.safetensors")
 
     # search: every candidate in every layer, KL in chunks, only alpha trains
     cfg = dash.resolve(dash.Config(model="qwen3b-shaped", candidates=",".join(names), k=5, tokens=args.steps * B * T,
                                    seq_len=T, batch_size=B, window=args.window, kernels="fla",
                                    skip_below=args.skip_below, log_every=10 ** 9, check_samples=0), 36)
     ops = dash.make_ops(model, names, cfg)
-    if "gla" in names or "gdn" in names:
-        dash.load_candidates([{n: op for n, op in layer.items() if n in ("gla", "gdn")} for layer in ops],
-                             prepare_candidates.load_file("/tmp/bench_cands.safetensors"))
+    if weights:
+        dash.load_candidates([{n: op for n, op in layer.items() if n in ("gla", "gdn")} for layer in ops], weights)
     dash.install(model, ops)
-    torch.cuda.reset_peak_memory_stats()
-    result = dash.search(model, batches[:args.steps], names, cfg)
-    times = [h["time"] for h in result["history"]]
-    res["search_first_step_s"] = times[0]
-    res["search_tok_s"] = (len(times) - 10) * B * T / (times[-1] - times[9])
-    res["search_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    res["search_vs_teacher"] = res["search_tok_s"] / res["teacher_tok_s"]
-    res["minutes_for_12.3M"] = 12.3e6 / res["search_tok_s"] / 60
-    res["prepare_minutes_default"] = prepare_candidates.PREP_PAPER["tokens"] / res["prepare_tok_s"] / 60
-    for k in ("teacher", "search", "prepare"):
-        key = "teacher_forward" if k == "teacher" else k
-        res[f"{k}_mfu"] = res[f"{k}_tok_s"] * flops[key] / peak_flops
+    for grad in args.grads.split(","):
+        cfg.grad = grad
+        torch.cuda.reset_peak_memory_stats()
+        result = dash.search(model, batches[:args.steps], names, cfg)
+        times = [h["time"] for h in result["history"]]
+        skip = min(10, len(times) - 2)
+        r = res[f"search_{grad}"] = dict(first_step_s=times[0], peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
+                                         tok_s=(len(times) - 1 - skip) * B * T / (times[-1] - times[skip]))
+        r["vs_teacher"] = r["tok_s"] / res["teacher_tok_s"]
+        r["minutes_for_12.3M"] = 12.3e6 / r["tok_s"] / 60
+        r["mfu"] = r["tok_s"] * flops["search"] / peak_flops
+        print(grad, r, flush=True)
+    if args.profile:  # where a step's time goes
+        from torch.profiler import ProfilerActivity, profile
+        cfg.grad = "exact"
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            dash.search(model, batches[:3], names, cfg)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+        Path(args.out).with_suffix(".profile.txt").write_text(table)
+        print(table)
+    if args.dump_fla_configs:
+        dump_fla_configs(Path(args.dump_fla_configs))
 
     # inference: what a hybrid saves (batch 1, prefill then 64 greedy tokens). K = 5 full-attention layers at
     # hybrid-distillation's KL-guided placement, the other 31 all Gated DeltaNet or all a 512-token window.
     dash.restore_teacher(model)
     weights = prepare_candidates.load_file("/tmp/bench_cands.safetensors")
     full5 = eval_ruler.HYBRID_DISTILLATION["kl_guided"][5]
-    hybrids = {"teacher": ["full"] * 36, "5 full + 31 gdn": ["full" if l in full5 else "gdn" for l in range(36)],
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    hybrids = {} if not lengths or not weights else {"teacher": ["full"] * 36, "5 full + 31 gdn": ["full" if l in full5 else "gdn" for l in range(36)],
                "5 full + 31 swa": ["full" if l in full5 else "swa" for l in range(36)]}
     res["inference"] = {}
     for name, layers in hybrids.items():
         dash.make_hybrid(model, layers, weights, cfg)
-        for length in map(int, args.lengths.split(",")):
+        for length in lengths:
             res["inference"][f"{name} @ {length}"] = eval_ruler.speed(model, length)
             print(name, length, res["inference"][f"{name} @ {length}"], flush=True)
     dash.restore_teacher(model)
     Path(args.out).write_text(json.dumps(res, indent=1))
-    print(eval_ruler.table(res["inference"], "inference, batch 1: prefill, 64 decoded tokens"))
+    if res["inference"]:
+        print(eval_ruler.table(res["inference"], "inference, batch 1: prefill, 64 decoded tokens"))
     rows = [("GPU", gpu), ("batch x seq", f"{B} x {T}"), ("candidates", ",".join(names)),
-            ("teacher forward", f"{res['teacher_tok_s'] / 1e3:.1f}k tok/s  (MFU {res['teacher_mfu']:.0%})"),
-            ("search", f"{res['search_tok_s'] / 1e3:.1f}k tok/s  (MFU {res['search_mfu']:.0%}, "
-                       f"{res['search_vs_teacher']:.2f}x teacher forward)"),
-            ("search: 12.3M tokens", f"{res['minutes_for_12.3M']:.1f} min"),
-            ("search: first step", f"{res['search_first_step_s']:.1f} s"),
-            ("search: peak memory", f"{res['search_peak_gib']:.1f} GiB"),
-            ("prepare gla+gdn x 36", f"{res['prepare_tok_s'] / 1e3:.1f}k tok/s  (MFU {res['prepare_mfu']:.0%})"),
-            ("prepare: default budget", f"{res['prepare_minutes_default']:.1f} min for "
-                                        f"{prepare_candidates.PREP_PAPER['tokens'] / 1e6:.1f}M tokens"),
-            ("prepare: first step", f"{res['prepare_first_step_s']:.1f} s"),
-            ("prepare: peak memory", f"{res['prepare_peak_gib']:.1f} GiB"),
-            ("FLOP/token search", f"{flops['search'] / 1e9:.1f} G (measured bf16 peak {res['measured_bf16_tflops']} T)")]
+            ("teacher forward", f"{res['teacher_tok_s'] / 1e3:.1f}k tok/s  (MFU {res['teacher_mfu']:.0%})")]
+    for grad in args.grads.split(","):
+        r = res[f"search_{grad}"]
+        rows += [(f"search --grad {grad}", f"{r['tok_s'] / 1e3:.1f}k tok/s  (MFU {r['mfu']:.0%}, "
+                                           f"{r['vs_teacher']:.2f}x teacher forward)"),
+                 (f"search --grad {grad}: 12.3M tokens", f"{r['minutes_for_12.3M']:.1f} min"),
+                 (f"search --grad {grad}: first step", f"{r['first_step_s']:.1f} s"),
+                 (f"search --grad {grad}: peak memory", f"{r['peak_gib']:.1f} GiB")]
+    if args.prep_steps:
+        rows += [("prepare gla+gdn x 36", f"{res['prepare_tok_s'] / 1e3:.1f}k tok/s  (MFU {res['prepare_mfu']:.0%})"),
+                 ("prepare: default budget", f"{res['prepare_minutes_default']:.1f} min for "
+                                             f"{prepare_candidates.PREP_PAPER['tokens'] / 1e6:.1f}M tokens"),
+                 ("prepare: first step", f"{res['prepare_first_step_s']:.1f} s"),
+                 ("prepare: peak memory", f"{res['prepare_peak_gib']:.1f} GiB")]
+    rows += [("FLOP/token search", f"{flops['search'] / 1e9:.1f} G (measured bf16 peak {res['measured_bf16_tflops']} T)")]
     print("\n".join(f"| {a} | {b} |" for a, b in rows))
 
 

@@ -359,3 +359,26 @@ def test_data_reads_txt_jsonl_and_gz(tmp_path, tiny):
     assert batches.shape == (2, 2, 16)
     with pytest.raises(dash.DashError, match="lower --tokens"):
         dash.token_batches(tok, str(tmp_path), 1000, 2, 16)
+
+
+def test_teacher_gradient_mode_same_values_exact_last_layer_and_no_op_graph(tiny, text_file, tiny_dir):
+    """--grad teacher: the same forward values; the last layer's logit gradient is exact (nothing lies above it);
+    earlier layers' differ (they see the teacher's Jacobian instead of the mixture's)."""
+    model, _ = tiny
+    ops = mixed(model, tiny_cfg(tiny_dir, text_file))
+    for layer in ops:
+        for op in layer.values():
+            for p in op.parameters():
+                p.data.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    grads, outs = {}, {}
+    for grad in ("exact", "teacher"):
+        alpha = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        dash.set_weights(model, alpha.softmax(-1), grad=grad)
+        outs[grad] = model.model(input_ids=ids).last_hidden_state
+        outs[grad].pow(2).mean().backward()
+        grads[grad] = alpha.grad
+    assert torch.allclose(outs["exact"], outs["teacher"], atol=1e-6)
+    assert torch.allclose(grads["exact"][-1], grads["teacher"][-1], rtol=1e-4, atol=1e-8)
+    assert not torch.allclose(grads["exact"][0], grads["teacher"][0], rtol=1e-3)
+    assert all(p.grad is None for p in model.parameters())

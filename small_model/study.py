@@ -1,0 +1,62 @@
+"""Does the placement of full attention matter in the shipped small model? The numbers of its model card.
+
+    python small_model/study.py --cache candidates/small_model-<fingerprint>.safetensors --fill gdn
+
+RULER's needle tasks at the trained length (1024), greedy, for: the teacher; every layer replaced by one prepared
+cheap operator; and every placement of K full-attention layers, the other layers all `--fill`. Writes
+small_model/study-<fill>.json and prints a table sorted by score.
+"""
+import argparse
+import itertools
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dash  # noqa: E402
+import eval_ruler as er  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", required=True, help="prepared candidates of the small model (dash.py makes them)")
+    ap.add_argument("--fill", default="gdn", help="operator of the layers without full attention")
+    ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=10, help="per task")
+    ap.add_argument("--length", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    model, tok = dash.load_model(str(dash.SMALL_MODEL))
+    weights, cfg = load_file(args.cache), dash.Config(window=dash.SMALL["window"], kernels="torch")
+    L = len(model.model.layers)
+    with warnings.catch_warnings():  # the essay tasks use the noise haystack here
+        warnings.simplefilter("ignore")
+        samples = {f"{t}@{args.length}": er.make_samples(t, tok, args.length, args.samples, args.seed)
+                   for t in er.NIAH_TASKS}
+    runs = {"teacher": ["full"] * L, **{f"all {n}": [n] * L for n in ("swa", "gla", "gdn")}}
+    for full in itertools.combinations(range(L), args.k):
+        runs[f"full {list(full)}"] = ["full" if l in full else args.fill for l in range(L)]
+    results = {}
+    for name, layers in runs.items():
+        dash.make_hybrid(model, layers, weights, cfg)
+        results[name] = er.run_tasks(model, tok, samples, 8, name)
+        print(f"{name:>22}: {results[name]['avg']:5.1f}", flush=True)
+    dash.restore_teacher(model)
+    placed = {n: r["avg"] for n, r in results.items() if n.startswith("full")}
+    best, worst = max(placed.values()), min(placed.values())
+    summary = dict(teacher=results["teacher"]["avg"], best=best, worst=worst, spread=best - worst,
+                   best_placements=[n for n, v in placed.items() if v == best],
+                   recovery=best / results["teacher"]["avg"], fill=args.fill, k=args.k,
+                   samples_per_task=args.samples, tasks=er.NIAH_TASKS, length=args.length)
+    out = Path(__file__).with_name(f"study-{args.fill}.json")
+    out.write_text(json.dumps(dict(summary=summary, results=results), indent=1))
+    print(json.dumps(summary, indent=1))
+    for name, v in sorted(placed.items(), key=lambda kv: -kv[1]):
+        print(f"{name:>22}: {v:5.1f}")
+
+
+if __name__ == "__main__":
+    main()
