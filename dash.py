@@ -107,6 +107,8 @@ def resolve(cfg: Config, n_layers: int) -> Config:
         cfg.k = max(2, round(n_layers / 7))
     if not 0 < cfg.k < n_layers:
         raise DashError(f"--k {cfg.k} is out of range: the model has {n_layers} layers, so 1 <= K <= {n_layers - 1}")
+    if cfg.grad not in ("exact", "teacher"):
+        raise DashError(f"--grad {cfg.grad!r}: choose exact or teacher")
     if cfg.threshold is not None and not 0 < cfg.threshold < 1:
         raise DashError(f"--threshold {cfg.threshold} must be a probability in (0, 1)")
     return cfg
@@ -759,8 +761,6 @@ def devices(cfg: Config) -> tuple[str, torch.dtype]:
         raise DashError(f"--dtype {cfg.dtype!r}: choose bfloat16, float32 or auto")
     if cfg.kernels == "fla" and dtypes[cfg.dtype] == torch.float32:
         raise DashError("--kernels fla runs in bfloat16; drop --dtype float32 or use --kernels torch")
-    if cfg.grad not in ("exact", "teacher"):
-        raise DashError(f"--grad {cfg.grad!r}: choose exact or teacher")
     if device.startswith("cuda"):
         use_fla_configs()
     return device, dtypes[cfg.dtype]
