@@ -302,6 +302,27 @@ def use_fla(t: torch.Tensor, kernels: str) -> bool:
     return t.is_cuda and kernels != "torch" and t.dtype in (torch.bfloat16, torch.float16)
 
 
+def gla(q, k, v, g, state=None, final=False, kernels="auto"):
+    """GLA on the fast path that fits: fla's kernels on CUDA (one token: the decoding kernel), else the chunked
+    torch form. Returns o (B, T, H, V) and the final state (None from fla unless `final`)."""
+    scale = q.shape[-1] ** -0.5
+    if use_fla(q, kernels):
+        from fla.ops.gla import chunk_gla, fused_recurrent_gla
+        fn = fused_recurrent_gla if q.shape[1] == 1 else chunk_gla
+        return fn(q, k, v, g, scale=scale, initial_state=state, output_final_state=final)
+    return gla_chunked(q, k, v, g, scale, state)
+
+
+def gdn(q, k, v, g, beta, state=None, final=False, kernels="auto"):
+    """Gated DeltaNet on the fast path that fits, as gla()."""
+    scale = q.shape[-1] ** -0.5
+    if use_fla(q, kernels):
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+        fn = fused_recurrent_gated_delta_rule if q.shape[1] == 1 else chunk_gated_delta_rule
+        return fn(q, k, v, g, beta=beta.to(q.dtype), scale=scale, initial_state=state, output_final_state=final)
+    return gdn_chunked(q, k, v, g, beta, scale, state)
+
+
 class LinearAttention(nn.Module):
     """What GLA and Gated DeltaNet share. Copied from the teacher, frozen and shared with the other candidates:
     the q/k/v/o projections. New, and trained by prepare_candidates.py: per-head maps on q and k (identity at
@@ -330,7 +351,8 @@ class LinearAttention(nn.Module):
     def run(self, p: LayerInput, kernel, *args) -> torch.Tensor:
         """Run the recurrence, from and into this layer's cache slot during generation; normalise per head."""
         slot = None if p.cache is None else cache_slot(p.cache, self.layer_idx, StateSlot, StateSlot)
-        o, state = kernel(*args, state=None if slot is None else slot.state, final=slot is not None)
+        o, state = kernel(*args, state=None if slot is None else slot.state, final=slot is not None,
+                          kernels=self.kernels)
         if slot is not None:
             slot.state, slot.seen = state, slot.seen + p.x.shape[1]
         return F.rms_norm(o.to(p.x.dtype), (o.shape[-1],), self.norm.to(p.x.dtype), eps=1e-6)
@@ -349,15 +371,7 @@ class GLA(LinearAttention):
     def forward(self, p: LayerInput) -> torch.Tensor:
         q, k, v = self.qkv(p)
         g = (F.logsigmoid(self.gate(p.x.float())) / 16).clamp_min(self.floor).view_as(q)  # (B, T, H, D), fp32
-        return self.run(p, self.kernel, q, k, v, g)
-
-    def kernel(self, q, k, v, g, state, final):
-        scale = q.shape[-1] ** -0.5
-        if use_fla(q, self.kernels):
-            from fla.ops.gla import chunk_gla, fused_recurrent_gla
-            fn = fused_recurrent_gla if q.shape[1] == 1 else chunk_gla  # one token: the decoding kernel
-            return fn(q, k, v, g, scale=scale, initial_state=state, output_final_state=final)
-        return gla_chunked(q, k, v, g, scale, state)
+        return self.run(p, gla, q, k, v, g)
 
 
 class GatedDeltaNet(LinearAttention):
@@ -382,15 +396,7 @@ class GatedDeltaNet(LinearAttention):
         valid = valid_tokens(p)
         if valid is not None:
             beta = beta * valid[..., None]
-        return self.run(p, self.kernel, q, k, v, g, beta)
-
-    def kernel(self, q, k, v, g, beta, state, final):
-        scale = q.shape[-1] ** -0.5
-        if use_fla(q, self.kernels):
-            from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-            fn = fused_recurrent_gated_delta_rule if q.shape[1] == 1 else chunk_gated_delta_rule
-            return fn(q, k, v, g, beta=beta.to(q.dtype), scale=scale, initial_state=state, output_final_state=final)
-        return gdn_chunked(q, k, v, g, beta, scale, state)
+        return self.run(p, gdn, q, k, v, g, beta)
 
 
 class StateSlot(DynamicLayer):
@@ -624,7 +630,7 @@ def chunked_kl(h_student, h_teacher, head, chunk: int) -> torch.Tensor:
 
 def regularizers(w: torch.Tensor, names: list[str], cfg: Config, costs: torch.Tensor, progress: float) -> dict:
     """The terms added to the KL, each already weighted. w: (L, n_ops) operator probabilities.
-    budget     = b * ((E - K) / L)^2 * L     E = sum_l w_l[full], the expected number of full-attention layers
+    budget     = b * (E - K)^2 / L          E = sum_l w_l[full], the expected number of full-attention layers
     cost       = c * mean_l sum_i w_li cost_i               cost_i from op_cost(), full = 1
     entropy    = e * progress * mean_l H(w_l) / log(n_ops)  ramped in: explore first, decide at the end
     continuity = s * mean_l 1/2 |w_l - w_{l-1}|_1           total variation between adjacent layers"""
@@ -812,8 +818,8 @@ def run(cfg: Config) -> dict:
     print(f"wrote {out / 'arch.json'} ({arch['tokens']:,} tokens, {arch['wall_time_s']} s)")
     if cfg.check_samples:
         import eval_ruler
-        restore_teacher(model)
-        eval_ruler.retrieval_check(model, tokenizer, arch, weights, cfg)
+        arch["retrieval_check"] = eval_ruler.retrieval_check(model, tokenizer, arch, weights, cfg)
+        (out / "arch.json").write_text(json.dumps(arch, indent=1))
     return arch
 
 

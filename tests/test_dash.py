@@ -382,3 +382,22 @@ def test_teacher_gradient_mode_same_values_exact_last_layer_and_no_op_graph(tiny
     assert torch.allclose(grads["exact"][-1], grads["teacher"][-1], rtol=1e-4, atol=1e-8)
     assert not torch.allclose(grads["exact"][0], grads["teacher"][0], rtol=1e-3)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_readme_operator_example_works(tiny, tiny_dir, text_file, tmp_path):
+    """README's 'Adding an operator' code, run as written: the new operator is prepared, searched and exported."""
+    readme = (dash.HERE / "README.md").read_text()
+    code = readme.split("## Adding an operator")[1].split("```python")[1].split("```")[0]
+    exec(compile(code, "README.md", "exec"), {})
+    try:
+        model, tok = tiny
+        cfg = dash.resolve(tiny_cfg(tiny_dir, text_file, candidates="full,elu", cache=str(tmp_path / "c.safetensors")), 4)
+        _, weights = prepare_candidates.load_or_prepare(model, tok, ["full", "elu"], cfg)
+        assert any(k.startswith("layers.0.elu.") for k in weights)
+        ops = dash.make_ops(model, ["full", "elu"], cfg)
+        dash.load_candidates(ops, weights)
+        dash.install(model, ops)
+        result = dash.search(model, dash.token_batches(tok, cfg.data, 2, 2, 32), ["full", "elu"], cfg)
+        assert dash.choose_layers(result["probs"], ["full", "elu"], k=1).count("elu") == 3
+    finally:
+        dash.CANDIDATES.pop("elu", None)
