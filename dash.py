@@ -31,7 +31,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
@@ -612,20 +611,37 @@ def token_batches(tokenizer, spec: str, n: int, batch_size: int, seq_len: int) -
 # ----------------------------------------------------------------------------- objective
 
 
-def kl_chunk(h_student, h_teacher, head):
-    """Summed KL(teacher || student) over a chunk of tokens, from final hidden states (N, C) through the LM head."""
-    log_q = F.log_softmax(head(h_student).float(), -1)
-    log_p = F.log_softmax(head(h_teacher).float(), -1)
-    return F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+class ChunkedKL(torch.autograd.Function):
+    """Mean per-token KL(teacher || student) from final hidden states (N, C) through the LM head, a chunk of
+    tokens at a time, so that full-vocabulary fp32 logits exist for `chunk` tokens only (151936 x 4 bytes each
+    for Qwen). Its gradient is computed on the way, as fused cross-entropy kernels do: for one token,
+    dKL/d(student logits) = q - p (the two softmaxes), so dKL/dh_student = (q - p) W / N, and the backward pass
+    only scales it: no logits are kept or recomputed."""
+
+    @staticmethod
+    def forward(ctx, h_student, h_teacher, weight, bias, chunk):
+        hs, ht = h_student.flatten(0, -2), h_teacher.flatten(0, -2)
+        N, total = hs.shape[0], torch.zeros((), device=hs.device)
+        grad = torch.empty_like(hs) if ctx.needs_input_grad[0] else None
+        for i in range(0, N, chunk):
+            log_q = F.log_softmax(F.linear(hs[i:i + chunk], weight, bias).float(), -1)
+            log_p = F.log_softmax(F.linear(ht[i:i + chunk], weight, bias).float(), -1)
+            p = log_p.exp()
+            total += (p * (log_p - log_q)).sum()
+            if grad is not None:
+                grad[i:i + chunk] = ((log_q.exp() - p) / N).to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        ctx.shape = h_student.shape
+        return total / N
+
+    @staticmethod
+    def backward(ctx, g):
+        grad, = ctx.saved_tensors
+        return (g * grad).view(ctx.shape), None, None, None, None
 
 
-def chunked_kl(h_student, h_teacher, head, chunk: int) -> torch.Tensor:
-    """Mean per-token KL(teacher || student). Each chunk's logits are recomputed in the backward pass instead of
-    kept: full-vocabulary fp32 logits exist for `chunk` tokens at a time (151936 x 4 bytes each for Qwen)."""
-    hs, ht = h_student.flatten(0, -2), h_teacher.flatten(0, -2)
-    total = sum(checkpoint(kl_chunk, hs[i:i + chunk], ht[i:i + chunk], head, use_reentrant=False)
-                for i in range(0, hs.shape[0], chunk))
-    return total / hs.shape[0]
+def chunked_kl(h_student, h_teacher, head: nn.Linear, chunk: int) -> torch.Tensor:
+    return ChunkedKL.apply(h_student, h_teacher, head.weight, head.bias, chunk)
 
 
 def regularizers(w: torch.Tensor, names: list[str], cfg: Config, costs: torch.Tensor, progress: float) -> dict:

@@ -47,12 +47,12 @@ def flops_per_token(c: dict, T: int, W: int, names: list[str]) -> dict:
            "gdn": L * 6 * (64 + D) * H * D}
     mixed = sum(ops[n] for n in names)
     teacher_fwd = body + head + full
-    search = (body + full + head             # teacher forward (its head runs inside the checkpointed KL)
+    search = (body + full + head             # teacher forward (its head inside the fused KL)
               + body + mixed + head          # mixed forward
-              + body + 2.5 * mixed + head    # backward, input gradients only
-              + 2 * head)                    # the KL's checkpoint recomputes both heads
+              + body + 2.5 * mixed + head)   # backward, input gradients only (the KL's is made in its forward)
+    search_teacher = search - 2.5 * (mixed - full)  # --grad teacher: cheap operators run forward only
     prep = body + full + 3 * (2 * C * H * D + ops["gla"] + ops["gdn"]) / 1  # teacher fwd; per op o_proj + op, fwd+bwd
-    return dict(teacher_forward=teacher_fwd, search=search, prepare=prep)
+    return dict(teacher_forward=teacher_fwd, search=search, search_teacher=search_teacher, prepare=prep)
 
 
 def measured_peak() -> float:
@@ -109,7 +109,7 @@ def main():
     ap.add_argument("--skip-below", type=float, default=dash.Config.skip_below)
     ap.add_argument("--candidates", default="full,swa,gla,gdn")
     ap.add_argument("--grads", default="exact,teacher", help="search variants (dash.py --grad) to time")
-    ap.add_argument("--profile", action="store_true", help="profile 3 exact search steps: top CUDA kernels")
+    ap.add_argument("--profile", action="store_true", help="profile 3 search steps of each variant: top CUDA ops")
     ap.add_argument("--fla-configs", default=None, help="load fla autotune configs from here (FLA_CACHE_MODE=fuzzy)")
     ap.add_argument("--dump-fla-configs", default=None, help="write fla's autotuning results here at the end")
     ap.add_argument("--lengths", default="4096,8192,16384,32768", help="context lengths of the inference table "
@@ -150,6 +150,8 @@ def main():
         res["prepare_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         res["prepare_minutes_default"] = prepare_candidates.PREP_PAPER["tokens"] / res["prepare_tok_s"] / 60
         res["prepare_mfu"] = res["prepare_tok_s"] * flops["prepare"] / peak_flops
+        print("prepare", {k: v for k, v in res.items() if k.startswith("prepare")}, flush=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
         weights = prepare_candidates.load_file("/tmp/bench_cands.safetensors")
 
     # search: every candidate in every layer, KL in chunks, only alpha trains
@@ -170,16 +172,18 @@ def main():
                                          tok_s=(len(times) - 1 - skip) * B * T / (times[-1] - times[skip]))
         r["vs_teacher"] = r["tok_s"] / res["teacher_tok_s"]
         r["minutes_for_12.3M"] = 12.3e6 / r["tok_s"] / 60
-        r["mfu"] = r["tok_s"] * flops["search"] / peak_flops
+        r["mfu"] = r["tok_s"] * flops["search" if grad == "exact" else "search_teacher"] / peak_flops
         print(grad, r, flush=True)
-    if args.profile:  # where a step's time goes
+        Path(args.out).write_text(json.dumps(res, indent=1))  # as it goes: a run cut off keeps what it measured
+    if args.profile:  # where a step's time goes, per variant
         from torch.profiler import ProfilerActivity, profile
-        cfg.grad = "exact"
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            dash.search(model, batches[:3], names, cfg)
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-        Path(args.out).with_suffix(".profile.txt").write_text(table)
-        print(table)
+        for grad in args.grads.split(","):
+            cfg.grad = grad
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                dash.search(model, batches[:3], names, cfg)
+            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
+            Path(args.out).with_suffix(f".profile-{grad}.txt").write_text(table)
+            print(table, flush=True)
     if args.dump_fla_configs:
         dump_fla_configs(Path(args.dump_fla_configs))
 
@@ -197,8 +201,11 @@ def main():
         for length in lengths:
             res["inference"][f"{name} @ {length}"] = eval_ruler.speed(model, length)
             print(name, length, res["inference"][f"{name} @ {length}"], flush=True)
+            Path(args.out).write_text(json.dumps(res, indent=1))
     dash.restore_teacher(model)
     Path(args.out).write_text(json.dumps(res, indent=1))
+    if args.dump_fla_configs and lengths:  # again, with the decoding kernels' configs
+        dump_fla_configs(Path(args.dump_fla_configs))
     if res["inference"]:
         print(eval_ruler.table(res["inference"], "inference, batch 1: prefill, 64 decoded tokens"))
     rows = [("GPU", gpu), ("batch x seq", f"{B} x {T}"), ("candidates", ",".join(names)),

@@ -121,6 +121,9 @@ def test_search_and_preparation_steps_fit_on_the_3b_shape(model3b, tmp_path):
     peak = torch.cuda.max_memory_allocated() / 2 ** 30
     print(f"peak {peak:.1f} GiB")
     assert peak < 78 and all(torch.isfinite(torch.tensor([h["kl"] for h in result["history"]])))
+    cfg.grad = "teacher"  # the straight-through variant takes a step too
+    assert math.isfinite(dash.search(model3b, batches[2:], names, cfg)["history"][0]["kl"])
+    cfg.grad = "exact"
     arch = dash.export(result, names, cfg, batches[:2].numel(), str(tmp_path / "c.safetensors"))
     dash.restore_teacher(model3b)
     hybrid, _ = dash.build_hybrid(arch, model=model3b, cfg=cfg)
