@@ -220,7 +220,7 @@ def prepare(model, tokenizer, pcfg: PrepConfig, path: Path, fp: dict, data: torc
     for step in bar:
         losses = []
         for l, (x, rope, target) in enumerate(capture(model, train[step].to(device))):
-            trainable = [op for op in ops[l].values() if any(True for _ in op.parameters())]
+            trainable = [op for op in ops[l].values() if list(op.parameters())]
             if trainable:  # one layer's graph at a time: backward right away
                 loss = sum(nmse(op, attns[l], x, rope, target) for op in trainable)
                 loss.backward()

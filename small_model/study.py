@@ -4,7 +4,7 @@
 
 RULER's needle tasks at the trained length (1024), greedy, for: the teacher; every layer replaced by one prepared
 cheap operator; and every placement of K full-attention layers, the other layers all `--fill`. Writes
-small_model/study-<fill>.json and prints a table sorted by score.
+small_model/study-<fill>-k<K>.json and prints a table sorted by score.
 """
 import argparse
 import itertools
@@ -51,7 +51,7 @@ def main():
                    best_placements=[n for n, v in placed.items() if v == best],
                    recovery=best / results["teacher"]["avg"], fill=args.fill, k=args.k,
                    samples_per_task=args.samples, tasks=er.NIAH_TASKS, length=args.length)
-    out = Path(__file__).with_name(f"study-{args.fill}.json")
+    out = Path(__file__).with_name(f"study-{args.fill}-k{args.k}.json")
     out.write_text(json.dumps(dict(summary=summary, results=results), indent=1))
     print(json.dumps(summary, indent=1))
     for name, v in sorted(placed.items(), key=lambda kv: -kv[1]):
