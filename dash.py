@@ -707,8 +707,8 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config) -> dict:
         opt.step()
         with torch.no_grad():
             w = F.softmax(alpha / tau, dim=-1)
-            rec = dict(step=step, loss=loss.item(), kl=kl.item(), tau=tau, full=w[:, names.index("full")].sum().item(),
-                       time=time.time() - t0)
+            values = torch.stack([loss, kl, w[:, names.index("full")].sum()]).tolist()  # one host sync a step
+            rec = dict(step=step, **dict(zip(("loss", "kl", "full"), values)), tau=tau, time=time.time() - t0)
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", full=f"{rec['full']:.2f}", tau=f"{tau:.2f}")
         if (step + 1) % cfg.log_every == 0 or step == steps - 1:
@@ -746,6 +746,15 @@ def export(result: dict, names: list[str], cfg: Config, tokens: int, cache: str)
                 kl_first=result["history"][0]["kl"], kl_last=result["history"][-1]["kl"])
 
 
+def load_weights(path: str) -> dict[str, torch.Tensor]:
+    """Prepared candidate weights (a .safetensors file), with a clear message when they are not there."""
+    if not Path(path).is_file():
+        raise DashError(f"candidate weights {path} not found: pass the file (--cache) or prepare it "
+                        f"(python prepare_candidates.py --model ...)")
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
 def build_hybrid(arch: dict | str, model=None, weights: dict | None = None, cfg: Config | None = None):
     """The hybrid HF model of an architecture JSON (a dict or a path): the teacher with each layer's chosen
     operator and its prepared weights. Returns (model, tokenizer or None)."""
@@ -757,8 +766,7 @@ def build_hybrid(arch: dict | str, model=None, weights: dict | None = None, cfg:
         device, dtype = devices(cfg)
         model, tokenizer = load_model(arch["model"], device, dtype)
     if weights is None and any(n not in ("full", "swa") for n in arch["layers"]):
-        from safetensors.torch import load_file
-        weights = load_file(arch["candidate_cache"])
+        weights = load_weights(arch["candidate_cache"])
     return make_hybrid(model, arch["layers"], weights or {}, cfg), tokenizer
 
 # ----------------------------------------------------------------------------- main

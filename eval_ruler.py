@@ -552,6 +552,7 @@ CODES = {"full": "F", "swa": "S", "gla": "G", "gdn": "D"}  # one letter a layer 
 @dataclass
 class EvalConfig:
     arch: str = dash.opt("out/arch.json", "architecture JSON written by dash.py")
+    cache: str | None = dash.opt(None, "candidate weights (.safetensors; default: the architecture's candidate_cache)")
     tasks: str | None = dash.opt(None, "comma-separated RULER tasks (default: all synthetic tasks)")
     lengths: str | None = dash.opt(None, "comma-separated context lengths (default: 4096,8192,16384,32768; the "
                                          "search's sequence length for the small model)")
@@ -757,12 +758,17 @@ def retrieval_check(model, tokenizer, arch: dict, weights: dict, cfg) -> dict:
     return dict(teacher=teacher, hybrid=hybrid)
 
 
+def number(v: float) -> str:
+    """Scores with one decimal; small measurements (seconds, GiB) with three significant digits."""
+    return f"{v:.1f}" if v == 0 or abs(v) >= 1 else f"{v:.3g}"
+
+
 def table(rows: dict[str, dict], title: str = "") -> str:
     cols = list(next(iter(rows.values())))
     lines = [f"**{title}**", ""] if title else []
     lines += ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c])
+        lines.append(f"| {name} | " + " | ".join(number(r[c]) if isinstance(r[c], float) else str(r[c])
                                                 for c in cols) + " |")
     return "\n".join(lines)
 
@@ -776,9 +782,9 @@ def evaluate(ecfg: EvalConfig) -> dict:
     small = Path(arch["model"]).resolve() == dash.SMALL_MODEL
     lengths = [int(x) for x in (ecfg.lengths or (str(cfg.seq_len) if small else "4096,8192,16384,32768")).split(",")]
     tasks = ecfg.tasks.split(",") if ecfg.tasks else DEFAULT_TASKS
-    from safetensors.torch import load_file
-    weights = load_file(arch["candidate_cache"])
-    report_path = Path(arch["candidate_cache"]).with_suffix(".json")
+    cache = ecfg.cache or arch["candidate_cache"]
+    weights = dash.load_weights(cache)
+    report_path = Path(cache).with_suffix(".json")
     report = json.loads(report_path.read_text()) if report_path.exists() else None
     haystack = Path(ecfg.haystack).read_text() if ecfg.haystack else None
     qa = {"qa_1": ecfg.squad, "qa_2": ecfg.hotpotqa}

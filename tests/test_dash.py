@@ -240,6 +240,10 @@ def test_cli_end_to_end_writes_an_architecture_that_builds_a_working_hybrid(tiny
     gen = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert gen.shape == (1, ids.shape[1] + 5)
     assert json.loads(json.dumps(arch)) == arch  # round-trips
+    arch["layers"][arch["layers"].index("full") - 1] = "gdn"
+    arch["candidate_cache"] = str(tmp_path / "moved.safetensors")  # weights moved away: one clear message
+    with pytest.raises(dash.DashError, match="moved.safetensors not found"):
+        dash.build_hybrid(arch)
 
 
 # ----------------------------------------------------------------------------- candidates cache
