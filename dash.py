@@ -83,6 +83,7 @@ class Config:
     cache: str | None = opt(None, "candidate weights (.safetensors); default: candidates/<model>-<fingerprint>")
     prepare: bool = opt(True, "prepare missing candidate weights (--no-prepare: fail instead)")
     prep_tokens: int | None = opt(None, "tokens to align candidates on, if they must be prepared")
+    compile: bool = opt(False, "torch.compile the teacher's norms and MLPs (fuses their elementwise work; compiles first)")
     kl_chunk: int = opt(1024, "tokens per chunk of the KL: full-vocabulary fp32 logits exist for one chunk only")
     log_every: int = opt(25, "steps between views of the operator probabilities")
     check_samples: int = opt(10, "samples per task of the retrieval check after the search (0: skip)")
@@ -512,6 +513,15 @@ def install(model, ops: list[dict[str, nn.Module]]):
     return model
 
 
+def compile_layers(model):
+    """torch.compile the teacher's RMSNorms and MLPs, which every operator mixture shares: on a GPU a search step
+    spends more time in elementwise kernels (norms, SiLU, casts) than in matmuls, and compiling fuses them.
+    Every layer reuses the same two compiled graphs (one for the norms, one for the MLP)."""
+    for layer in model.model.layers:
+        for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+            m.compile()
+
+
 def restore_teacher(model):
     for layer, attn in zip(model.model.layers, teacher_attention(model)):
         layer.self_attn = attn
@@ -831,6 +841,8 @@ def run(cfg: Config) -> dict:
     ops = make_ops(model, names, cfg)
     load_candidates(ops, weights, cache)
     install(model, ops)
+    if cfg.compile:
+        compile_layers(model)
     steps = max(1, cfg.tokens // (cfg.batch_size * cfg.seq_len))
     batches = token_batches(tokenizer, cfg.data, steps, cfg.batch_size, cfg.seq_len)
     result = search(model, batches, names, cfg)

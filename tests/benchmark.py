@@ -109,6 +109,7 @@ def main():
     ap.add_argument("--skip-below", type=float, default=dash.Config.skip_below)
     ap.add_argument("--candidates", default="full,swa,gla,gdn")
     ap.add_argument("--grads", default="exact,teacher", help="search variants (dash.py --grad) to time")
+    ap.add_argument("--compile", action="store_true", help="then time each variant again with dash.py --compile")
     ap.add_argument("--profile", action="store_true", help="profile 3 search steps of each variant: top CUDA ops")
     ap.add_argument("--fla-configs", default=None, help="load fla autotune configs from here (FLA_CACHE_MODE=fuzzy)")
     ap.add_argument("--dump-fla-configs", default=None, help="write fla's autotuning results here at the end")
@@ -162,19 +163,23 @@ def main():
     if weights:
         dash.load_candidates([{n: op for n, op in layer.items() if n in ("gla", "gdn")} for layer in ops], weights)
     dash.install(model, ops)
-    for grad in args.grads.split(","):
+
+    def time_search(grad: str, name: str):
         cfg.grad = grad
         torch.cuda.reset_peak_memory_stats()
         result = dash.search(model, batches[:args.steps], names, cfg)
         times = [h["time"] for h in result["history"]]
         skip = min(10, len(times) - 2)
-        r = res[f"search_{grad}"] = dict(first_step_s=times[0], peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
+        r = res[f"search_{name}"] = dict(first_step_s=times[0], peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
                                          tok_s=(len(times) - 1 - skip) * B * T / (times[-1] - times[skip]))
         r["vs_teacher"] = r["tok_s"] / res["teacher_tok_s"]
         r["minutes_for_12.3M"] = 12.3e6 / r["tok_s"] / 60
         r["mfu"] = r["tok_s"] * flops["search" if grad == "exact" else "search_teacher"] / peak_flops
-        print(grad, r, flush=True)
+        print(name, r, flush=True)
         Path(args.out).write_text(json.dumps(res, indent=1))  # as it goes: a run cut off keeps what it measured
+
+    for grad in args.grads.split(","):
+        time_search(grad, grad)
     if args.profile:  # where a step's time goes, per variant
         from torch.profiler import ProfilerActivity, profile
         for grad in args.grads.split(","):
@@ -190,7 +195,6 @@ def main():
     # inference: what a hybrid saves (batch 1, prefill then 64 greedy tokens). K = 5 full-attention layers at
     # hybrid-distillation's KL-guided placement, the other 31 all Gated DeltaNet or all a 512-token window.
     dash.restore_teacher(model)
-    weights = prepare_candidates.load_file("/tmp/bench_cands.safetensors")
     full5 = eval_ruler.HYBRID_DISTILLATION["kl_guided"][5]
     lengths = [int(x) for x in args.lengths.split(",") if x]
     hybrids = {} if not lengths or not weights else {"teacher": ["full"] * 36, "5 full + 31 gdn": ["full" if l in full5 else "gdn" for l in range(36)],
@@ -202,6 +206,11 @@ def main():
             res["inference"][f"{name} @ {length}"] = eval_ruler.speed(model, length)
             print(name, length, res["inference"][f"{name} @ {length}"], flush=True)
             Path(args.out).write_text(json.dumps(res, indent=1))
+    if args.compile:  # last, so that the numbers above are of the eager model
+        dash.install(model, ops)
+        dash.compile_layers(model)
+        for grad in args.grads.split(","):
+            time_search(grad, grad + " --compile")
     dash.restore_teacher(model)
     Path(args.out).write_text(json.dumps(res, indent=1))
     if args.dump_fla_configs and lengths:  # again, with the decoding kernels' configs
@@ -210,7 +219,7 @@ def main():
         print(eval_ruler.table(res["inference"], "inference, batch 1: prefill, 64 decoded tokens"))
     rows = [("GPU", gpu), ("batch x seq", f"{B} x {T}"), ("candidates", ",".join(names)),
             ("teacher forward", f"{res['teacher_tok_s'] / 1e3:.1f}k tok/s  (MFU {res['teacher_mfu']:.0%})")]
-    for grad in args.grads.split(","):
+    for grad in (k[len("search_"):] for k in res if k.startswith("search_")):
         r = res[f"search_{grad}"]
         rows += [(f"search --grad {grad}", f"{r['tok_s'] / 1e3:.1f}k tok/s  (MFU {r['mfu']:.0%}, "
                                            f"{r['vs_teacher']:.2f}x teacher forward)"),

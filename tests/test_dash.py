@@ -405,3 +405,21 @@ def test_the_readme_operator_example_works(tiny, tiny_dir, text_file, tmp_path):
         assert dash.choose_layers(result["probs"], ["full", "elu"], k=1).count("elu") == 3
     finally:
         dash.CANDIDATES.pop("elu", None)
+
+
+def test_compiled_layers_give_the_same_mixture_and_gradient(tiny, text_file, tiny_dir):
+    """--compile fuses the teacher's norms and MLPs: same outputs and logit gradients as eager."""
+    model, _ = tiny
+    mixed(model, tiny_cfg(tiny_dir, text_file))
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    outs, grads = [], []
+    for compiled in (False, True):
+        if compiled:
+            dash.compile_layers(model)
+            assert all(l.mlp._compiled_call_impl is not None for l in model.model.layers)
+        alpha = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        dash.set_weights(model, alpha.softmax(-1))
+        outs.append(model.model(input_ids=ids).last_hidden_state)
+        outs[-1].pow(2).mean().backward()
+        grads.append(alpha.grad)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5) and torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-7)
