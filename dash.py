@@ -83,7 +83,7 @@ class Config:
     cache: str | None = opt(None, "candidate weights (.safetensors); default: candidates/<model>-<fingerprint>")
     prepare: bool = opt(True, "prepare missing candidate weights (--no-prepare: fail instead)")
     prep_tokens: int | None = opt(None, "tokens to align candidates on, if they must be prepared")
-    compile: bool = opt(False, "torch.compile the teacher's norms and MLPs (fuses their elementwise work; compiles first)")
+    compile: bool | None = opt(None, "torch.compile the decoder layers for the search (default: on with CUDA)")
     kl_chunk: int = opt(1024, "tokens per chunk of the KL: full-vocabulary fp32 logits exist for one chunk only")
     log_every: int = opt(25, "steps between views of the operator probabilities")
     check_samples: int = opt(10, "samples per task of the retrieval check after the search (0: skip)")
@@ -116,7 +116,7 @@ def resolve(cfg: Config, n_layers: int) -> Config:
 # ----------------------------------------------------------------------------- candidate operators
 # Every candidate is built from the teacher's attention module of its layer and, at run time, gets the teacher's
 # own projections of the layer input, computed once per layer and shared by all candidates:
-#   x (B, T, C) the normed layer input; q (B, T, H, D); k, v (B, T, Hkv, D) before RoPE; rope = (cos, sin).
+#   x (B, T, C) the normed layer input; q (B, T, H, D); k, v (B, T, Hkv, D) before RoPE; q_rope, k_rope after.
 # It returns the per-head output (B, T, H, D), which the teacher's o_proj turns into the layer's output.
 # Sharing is what makes a mixed layer cheap: o_proj is linear, so sum_i w_i o_proj(y_i) = o_proj(sum_i w_i y_i).
 # With `cache` (generation), an operator keeps what it needs in its layer's slot of HF's cache.
@@ -128,7 +128,8 @@ class LayerInput:
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    rope: tuple
+    q_rope: torch.Tensor              # q and k rotated by RoPE, for the softmax operators (computed once)
+    k_rope: torch.Tensor
     attn: nn.Module                   # the teacher's attention module of this layer
     mask: torch.Tensor | None = None  # HF's 4D attention mask (None: causal, no padding)
     cache: object = None              # HF's Cache during generation
@@ -136,8 +137,8 @@ class LayerInput:
 
 def project(attn: nn.Module, x: torch.Tensor, rope, mask=None, cache=None) -> LayerInput:
     shape = (*x.shape[:-1], -1, attn.head_dim)
-    return LayerInput(x, attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape),
-                      rope, attn, mask, cache)
+    q, k, v = (proj(x).view(shape) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    return LayerInput(x, q, k, v, *apply_rotary_pos_emb(q, k, *rope, unsqueeze_dim=2), attn, mask, cache)
 
 
 def keep_mask(mask, T: int, S: int, device) -> torch.Tensor:
@@ -173,8 +174,7 @@ class FullAttention(nn.Module):
 
     def forward(self, p: LayerInput) -> torch.Tensor:
         attn = p.attn
-        q, k, v = (t.transpose(1, 2) for t in (p.q, p.k, p.v))  # (B, heads, T, D), as HF's functions want
-        q, k = apply_rotary_pos_emb(q, k, *p.rope)
+        q, k, v = (t.transpose(1, 2) for t in (p.q_rope, p.k_rope, p.v))  # (B, heads, T, D), as HF's functions want
         if p.cache is not None:
             k, v = p.cache.update(k, v, attn.layer_idx)
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
@@ -193,8 +193,7 @@ class SlidingWindowAttention(nn.Module):
         self.kernels = cfg.kernels
 
     def forward(self, p: LayerInput) -> torch.Tensor:
-        q, k = apply_rotary_pos_emb(p.q, p.k, *p.rope, unsqueeze_dim=2)  # (B, T, heads, D)
-        v = p.v
+        q, k, v = p.q_rope, p.k_rope, p.v  # (B, T, heads, D)
         if p.cache is not None:
             slot = cache_slot(p.cache, self.layer_idx, DynamicSlidingWindowLayer,
                               lambda: DynamicSlidingWindowLayer(sliding_window=self.window))
@@ -202,7 +201,7 @@ class SlidingWindowAttention(nn.Module):
         T, S = q.shape[1], k.shape[1]  # the S keys are the last S positions, ending at the last query
         if p.mask is None and T == S and use_fla(q, self.kernels):
             from fla.ops.attn import parallel_attn
-            return parallel_attn(q, k, v, scale=self.scaling, window_size=self.window)
+            return torch.compiler.disable(parallel_attn)(q, k, v, scale=self.scaling, window_size=self.window)
         dist = torch.arange(S - T, S, device=q.device)[:, None] - torch.arange(S, device=q.device)
         keep = (dist >= 0) & (dist < self.window) & keep_mask(p.mask, T, S, q.device)
         keep = keep | (dist == 0)  # a padding query sees itself: no all-masked row, no NaN
@@ -302,6 +301,7 @@ def use_fla(t: torch.Tensor, kernels: str) -> bool:
     return t.is_cuda and kernels != "torch" and t.dtype in (torch.bfloat16, torch.float16)
 
 
+@torch.compiler.disable  # --compile: fla's Triton kernels and autotuners run as they are, between compiled graphs
 def gla(q, k, v, g, state=None, final=False, kernels="auto"):
     """GLA on the fast path that fits: fla's kernels on CUDA (one token: the decoding kernel), else the chunked
     torch form. Returns o (B, T, H, V) and the final state (None from fla unless `final`)."""
@@ -313,13 +313,14 @@ def gla(q, k, v, g, state=None, final=False, kernels="auto"):
     return gla_chunked(q, k, v, g, scale, state)
 
 
+@torch.compiler.disable
 def gdn(q, k, v, g, beta, state=None, final=False, kernels="auto"):
     """Gated DeltaNet on the fast path that fits, as gla()."""
     scale = q.shape[-1] ** -0.5
     if use_fla(q, kernels):
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
         fn = fused_recurrent_gated_delta_rule if q.shape[1] == 1 else chunk_gated_delta_rule
-        return fn(q, k, v, g, beta=beta.to(q.dtype), scale=scale, initial_state=state, output_final_state=final)
+        return fn(q, k, v, g, beta=beta, scale=scale, initial_state=state, output_final_state=final)
     return gdn_chunked(q, k, v, g, beta, scale, state)
 
 
@@ -396,7 +397,7 @@ class GatedDeltaNet(LinearAttention):
         valid = valid_tokens(p)
         if valid is not None:
             beta = beta * valid[..., None]
-        return self.run(p, gdn, q, k, v, g, beta)
+        return self.run(p, gdn, q, k, v, g, beta.to(q.dtype))  # fla wants beta in q's dtype
 
 
 class StateSlot(DynamicLayer):
@@ -456,24 +457,31 @@ class MixedAttention(nn.Module):
             y = next(iter(self.ops.values()))(p)
         elif self.weights is None:
             y = self.ops["full"](p)
-        else:
-            full = self.ops["full"](p) if self.grad == "teacher" else None
-            y = sum(w.to(p.q.dtype) * self.output(name, op, p, full)
-                    for (name, op), w, on in zip(self.ops.items(), self.weights, self.active)
-                    if on or (name == "full" and full is not None))
+        else:  # two methods, so that torch.compile fuses the sum (a graph break in its loop would leave it eager)
+            y = self.mix(self.outputs(p))
         return self.attn.o_proj(y.flatten(2)), None
 
-    def output(self, name: str, op: nn.Module, p: LayerInput, full: torch.Tensor | None) -> torch.Tensor:
-        """op's output. With the straight-through gradient (full given), a cheap operator runs without autograd
-        and takes the teacher's way back: its value is y_i, its derivative that of the teacher's attention.
-        The logits' gradient, y_i . dL/dy, stays exact; earlier layers see the teacher's Jacobian."""
-        if full is None:
-            return op(p)
-        if name == "full":
-            return full
-        with torch.no_grad():
-            y = op(p)
-        return y + (full - full.detach())
+    def outputs(self, p: LayerInput) -> dict[str, torch.Tensor]:
+        """The outputs of the active operators (and of 'full' with the straight-through gradient, which then runs
+        the cheap operators without autograd: forward only)."""
+        ys = {}
+        for (name, op), on in zip(self.ops.items(), self.active):
+            if on or (name == "full" and self.grad == "teacher"):
+                with torch.set_grad_enabled(torch.is_grad_enabled() and (self.grad == "exact" or name == "full")):
+                    ys[name] = op(p)
+        return ys
+
+    def mix(self, ys: dict[str, torch.Tensor]) -> torch.Tensor:
+        """sum_i w_i y_i. With the straight-through gradient a cheap operator's y_i takes the teacher's way back:
+        its value is y_i, its derivative that of the teacher's attention. The logits' gradient, y_i . dL/dy,
+        stays exact; earlier layers see the teacher's Jacobian."""
+        w = dict(zip(self.ops, self.weights.to(ys[next(iter(ys))].dtype).unbind()))
+        y = 0
+        for name, y_i in ys.items():
+            if self.grad == "teacher" and name != "full":
+                y_i = y_i + (ys["full"] - ys["full"].detach())
+            y = y + w[name] * y_i
+        return y
 
 # ----------------------------------------------------------------------------- model surgery
 
@@ -513,13 +521,18 @@ def install(model, ops: list[dict[str, nn.Module]]):
     return model
 
 
-def compile_layers(model):
-    """torch.compile the teacher's RMSNorms and MLPs, which every operator mixture shares: on a GPU a search step
-    spends more time in elementwise kernels (norms, SiLU, casts) than in matmuls, and compiling fuses them.
-    Every layer reuses the same two compiled graphs (one for the norms, one for the MLP)."""
+def compile_layers(model, on: bool = True):
+    """torch.compile every decoder layer (on=False: undo). On a GPU a search step spends more time in elementwise
+    kernels (RMSNorms, RoPE, SiLU, gates, casts, the weighted sum, and their backward) than in matmuls; compiled,
+    they fuse into a few kernels, while fla's kernels run between the graphs as they are. All layers share the
+    graphs; a new set of active operators compiles once more."""
+    if on:  # graphs per layer kind: teacher, mixture, each set of operators left; never one per layer
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for layer in model.model.layers:
-        for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
-            m.compile()
+        if on:
+            layer.compile()
+        else:
+            layer._compiled_call_impl = None
 
 
 def restore_teacher(model):
@@ -528,10 +541,11 @@ def restore_teacher(model):
     return model
 
 
-def set_weights(model, w: torch.Tensor | None, skip_below: float = 0.0, grad: str = "exact"):
+def set_weights(model, w: torch.Tensor | None, skip_below: float = 0.0, grad: str = "exact", active=None):
     """Give layer l the operator weights w[l] ((L, n_ops); None: the teacher). One host copy per step decides
-    which operators run, instead of a device sync per operator and layer."""
-    active = None if w is None else (w.detach().cpu() > skip_below).tolist()
+    which operators run (w > skip_below; `active` if already made), instead of a sync per operator and layer."""
+    if w is not None and active is None:
+        active = (w.detach() > skip_below).tolist()
     for l, layer in enumerate(model.model.layers):
         layer.self_attn.weights = None if w is None else w[l]
         layer.self_attn.active = None if w is None else active[l]
@@ -621,6 +635,14 @@ def token_batches(tokenizer, spec: str, n: int, batch_size: int, seq_len: int) -
 # ----------------------------------------------------------------------------- objective
 
 
+def kl_terms(z_student: torch.Tensor, z_teacher: torch.Tensor, n: int):
+    """One chunk of logits: the summed KL(p || q) of its tokens and its gradient (q - p) / n w.r.t. the student's
+    logits, in fp32 (with --compile, fused into a few kernels instead of a dozen full-vocabulary passes)."""
+    log_q, log_p = F.log_softmax(z_student.float(), -1), F.log_softmax(z_teacher.float(), -1)
+    p = log_p.exp()
+    return (p * (log_p - log_q)).sum(), ((log_q.exp() - p) / n).to(z_student.dtype)
+
+
 class ChunkedKL(torch.autograd.Function):
     """Mean per-token KL(teacher || student) from final hidden states (N, C) through the LM head, a chunk of
     tokens at a time, so that full-vocabulary fp32 logits exist for `chunk` tokens only (151936 x 4 bytes each
@@ -629,17 +651,15 @@ class ChunkedKL(torch.autograd.Function):
     only scales it: no logits are kept or recomputed."""
 
     @staticmethod
-    def forward(ctx, h_student, h_teacher, weight, bias, chunk):
+    def forward(ctx, h_student, h_teacher, weight, bias, chunk, terms=kl_terms):
         hs, ht = h_student.flatten(0, -2), h_teacher.flatten(0, -2)
         N, total = hs.shape[0], torch.zeros((), device=hs.device)
         grad = torch.empty_like(hs) if ctx.needs_input_grad[0] else None
         for i in range(0, N, chunk):
-            log_q = F.log_softmax(F.linear(hs[i:i + chunk], weight, bias).float(), -1)
-            log_p = F.log_softmax(F.linear(ht[i:i + chunk], weight, bias).float(), -1)
-            p = log_p.exp()
-            total += (p * (log_p - log_q)).sum()
+            kl, dz = terms(F.linear(hs[i:i + chunk], weight, bias), F.linear(ht[i:i + chunk], weight, bias), N)
+            total += kl
             if grad is not None:
-                grad[i:i + chunk] = ((log_q.exp() - p) / N).to(weight.dtype) @ weight
+                grad[i:i + chunk] = dz @ weight
         ctx.save_for_backward(grad)
         ctx.shape = h_student.shape
         return total / N
@@ -647,11 +667,11 @@ class ChunkedKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         grad, = ctx.saved_tensors
-        return (g * grad).view(ctx.shape), None, None, None, None
+        return (g * grad).view(ctx.shape), None, None, None, None, None
 
 
-def chunked_kl(h_student, h_teacher, head: nn.Linear, chunk: int) -> torch.Tensor:
-    return ChunkedKL.apply(h_student, h_teacher, head.weight, head.bias, chunk)
+def chunked_kl(h_student, h_teacher, head: nn.Linear, chunk: int, terms=kl_terms) -> torch.Tensor:
+    return ChunkedKL.apply(h_student, h_teacher, head.weight, head.bias, chunk, terms)
 
 
 def regularizers(w: torch.Tensor, names: list[str], cfg: Config, costs: torch.Tensor, progress: float) -> dict:
@@ -688,28 +708,31 @@ def heatmap(w: torch.Tensor, names: list[str]) -> str:
     return "\n".join(rows)
 
 
-def search(model, batches: torch.Tensor, names: list[str], cfg: Config) -> dict:
-    """Train only the architecture logits alpha (L, n_ops) to bring the mixture close to the teacher."""
+def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: torch.Tensor | None = None) -> dict:
+    """Train only the architecture logits alpha (L, n_ops) to bring the mixture close to the teacher.
+    alpha0: the logits to start from (default zeros: the uniform mixture)."""
     L, steps = len(model.model.layers), len(batches)
     device = next(model.parameters()).device
-    alpha = nn.Parameter(torch.zeros(L, len(names), device=device))  # uniform mixture at the start
+    alpha = nn.Parameter(torch.zeros(L, len(names), device=device) if alpha0 is None else alpha0.clone().to(device))
     opt = torch.optim.Adam([alpha], lr=cfg.lr, betas=(0.5, 0.999))   # DARTS' optimizer for architecture logits
     frozen = sum(p.numel() for p in model.parameters())
     print(f"trainable: alpha {tuple(alpha.shape)} = {alpha.numel()} logits; frozen: {frozen:,} weights")
     D = teacher_attention(model)[0].head_dim
     costs = torch.tensor([op_cost(n, D, cfg.window, cfg.cost_len) for n in names], device=device)
     head, history, t0 = model.get_output_embeddings(), [], time.time()
+    kl_fn = torch.compile(kl_terms, dynamic=False) if cfg.compile else kl_terms
     bar = tqdm(range(steps), desc="search", unit="step")
     for step in bar:
         ids = batches[step].to(device)
+        tau = tau_at(step, steps, cfg)
+        w = F.softmax(alpha / tau, dim=-1)
+        active = (w.detach() > cfg.skip_below).tolist()  # host copy before the teacher is queued: no wait for it
         with torch.no_grad():  # the teacher: same model, every layer its own full attention
             set_weights(model, None)
             h_teacher = model.model(input_ids=ids, use_cache=False).last_hidden_state
-        tau = tau_at(step, steps, cfg)
-        w = F.softmax(alpha / tau, dim=-1)
-        set_weights(model, w, cfg.skip_below, cfg.grad)
+        set_weights(model, w, grad=cfg.grad, active=active)
         h_student = model.model(input_ids=ids, use_cache=False).last_hidden_state
-        kl = chunked_kl(h_student, h_teacher, head, cfg.kl_chunk)
+        kl = chunked_kl(h_student, h_teacher, head, cfg.kl_chunk, kl_fn)
         terms = regularizers(w, names, cfg, costs, step / max(1, steps - 1))
         loss = kl + sum(terms.values())
         opt.zero_grad(set_to_none=True)
@@ -835,17 +858,19 @@ def run(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, device, dtype)
     cfg = resolve(cfg, len(model.model.layers))
+    if cfg.compile is None:
+        cfg.compile = device.startswith("cuda")
     print(json.dumps(asdict(cfg), indent=1))
     import prepare_candidates  # here, not at the top: it imports this file
     cache, weights = prepare_candidates.load_or_prepare(model, tokenizer, names, cfg)
     ops = make_ops(model, names, cfg)
     load_candidates(ops, weights, cache)
     install(model, ops)
-    if cfg.compile:
-        compile_layers(model)
+    compile_layers(model, on=cfg.compile)
     steps = max(1, cfg.tokens // (cfg.batch_size * cfg.seq_len))
     batches = token_batches(tokenizer, cfg.data, steps, cfg.batch_size, cfg.seq_len)
     result = search(model, batches, names, cfg)
+    compile_layers(model, on=False)  # the check below generates: new shapes every token, eager is better there
     arch = export(result, names, cfg, batches.numel(), cache)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

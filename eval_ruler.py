@@ -649,13 +649,12 @@ def recall_importance(model, tokenizer, probes: list[dict]) -> list[float]:
 def retrieval_scores(model, tokenizer, probes: list[dict]) -> list[float]:
     """Retrieval score per layer: attention mass that the positions writing the answer put on the needle, for
     the layer's most retrieving head (retrieval heads, Wu et al. 2024), averaged over probes."""
-    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
     L = len(model.model.layers)
     total, hooks = [0.0] * L, []
     for l, attn in enumerate(dash.teacher_attention(model)):
         def hook(m, args, kwargs, out, l=l):
             p = dash.project(m, kwargs["hidden_states"], kwargs["position_embeddings"])
-            q, k = apply_rotary_pos_emb(p.q, p.k, *p.rope, unsqueeze_dim=2)
+            q, k = p.q_rope, p.k_rope
             q = q[0, state["pos"]].float()                                   # (n, H, D)
             k = k[0].float().repeat_interleave(m.num_key_value_groups, 1)     # (T, H, D)
             att = torch.einsum("nhd,thd->hnt", q, k) * m.scaling

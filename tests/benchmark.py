@@ -109,7 +109,10 @@ def main():
     ap.add_argument("--skip-below", type=float, default=dash.Config.skip_below)
     ap.add_argument("--candidates", default="full,swa,gla,gdn")
     ap.add_argument("--grads", default="exact,teacher", help="search variants (dash.py --grad) to time")
-    ap.add_argument("--compile", action="store_true", help="then time each variant again with dash.py --compile")
+    ap.add_argument("--modes", default="eager", help="eager,compile: time each variant eager, with dash.py --compile")
+    ap.add_argument("--compile", action="store_true", help="same as adding compile to --modes")
+    ap.add_argument("--collapsed", action="store_true", help="also time each variant at the end of a search: "
+                                                            "one operator left per layer, the others skipped")
     ap.add_argument("--profile", action="store_true", help="profile 3 search steps of each variant: top CUDA ops")
     ap.add_argument("--fla-configs", default=None, help="load fla autotune configs from here (FLA_CACHE_MODE=fuzzy)")
     ap.add_argument("--dump-fla-configs", default=None, help="write fla's autotuning results here at the end")
@@ -164,38 +167,53 @@ def main():
         dash.load_candidates([{n: op for n, op in layer.items() if n in ("gla", "gdn")} for layer in ops], weights)
     dash.install(model, ops)
 
-    def time_search(grad: str, name: str):
+    # The end of a search: every operator weight has collapsed to one operator per layer (5 full-attention layers
+    # at hybrid-distillation's KL-guided placement, the cheap operators in turn elsewhere), so the others are skipped.
+    full5 = eval_ruler.HYBRID_DISTILLATION["kl_guided"][5]
+    cheap = [n for n in names if n != "full"]
+    one = [names.index("full") if l in full5 else names.index(cheap[l % len(cheap)]) for l in range(36)]
+    collapsed = torch.nn.functional.one_hot(torch.tensor(one), len(names)).float() * 20  # w(other) < 1e-8
+
+    def time_search(grad: str, name: str, alpha0=None):
         cfg.grad = grad
         torch.cuda.reset_peak_memory_stats()
-        result = dash.search(model, batches[:args.steps], names, cfg)
+        result = dash.search(model, batches[:args.steps], names, cfg, alpha0)
         times = [h["time"] for h in result["history"]]
         skip = min(10, len(times) - 2)
         r = res[f"search_{name}"] = dict(first_step_s=times[0], peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
                                          tok_s=(len(times) - 1 - skip) * B * T / (times[-1] - times[skip]))
         r["vs_teacher"] = r["tok_s"] / res["teacher_tok_s"]
         r["minutes_for_12.3M"] = 12.3e6 / r["tok_s"] / 60
-        r["mfu"] = r["tok_s"] * flops["search" if grad == "exact" else "search_teacher"] / peak_flops
+        if alpha0 is None:  # the FLOP count is of the full mixture
+            r["mfu"] = r["tok_s"] * flops["search" if grad == "exact" else "search_teacher"] / peak_flops
         print(name, r, flush=True)
         Path(args.out).write_text(json.dumps(res, indent=1))  # as it goes: a run cut off keeps what it measured
 
-    for grad in args.grads.split(","):
-        time_search(grad, grad)
-    if args.profile:  # where a step's time goes, per variant
-        from torch.profiler import ProfilerActivity, profile
+    modes = args.modes.split(",") + (["compile"] if args.compile and "compile" not in args.modes else [])
+    for mode in modes:
+        cfg.compile = mode == "compile"  # the layers and the KL
+        dash.compile_layers(model, on=cfg.compile)
+        suffix = " --compile" if mode == "compile" else ""
         for grad in args.grads.split(","):
-            cfg.grad = grad
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                dash.search(model, batches[:3], names, cfg)
-            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
-            Path(args.out).with_suffix(f".profile-{grad}.txt").write_text(table)
-            print(table, flush=True)
+            time_search(grad, grad + suffix)
+            if args.collapsed:
+                time_search(grad, grad + suffix + " collapsed", collapsed)
+        if args.profile:  # where a step's time goes, per variant
+            from torch.profiler import ProfilerActivity, profile
+            for grad in args.grads.split(","):
+                cfg.grad = grad
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    dash.search(model, batches[:3], names, cfg)
+                table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
+                Path(args.out).with_suffix(f".profile-{grad}{suffix.replace(' --', '-')}.txt").write_text(table)
+                print(table, flush=True)
+    dash.compile_layers(model, on=False)
     if args.dump_fla_configs:
         dump_fla_configs(Path(args.dump_fla_configs))
 
     # inference: what a hybrid saves (batch 1, prefill then 64 greedy tokens). K = 5 full-attention layers at
     # hybrid-distillation's KL-guided placement, the other 31 all Gated DeltaNet or all a 512-token window.
     dash.restore_teacher(model)
-    full5 = eval_ruler.HYBRID_DISTILLATION["kl_guided"][5]
     lengths = [int(x) for x in args.lengths.split(",") if x]
     hybrids = {} if not lengths or not weights else {"teacher": ["full"] * 36, "5 full + 31 gdn": ["full" if l in full5 else "gdn" for l in range(36)],
                "5 full + 31 swa": ["full" if l in full5 else "swa" for l in range(36)]}
@@ -206,11 +224,6 @@ def main():
             res["inference"][f"{name} @ {length}"] = eval_ruler.speed(model, length)
             print(name, length, res["inference"][f"{name} @ {length}"], flush=True)
             Path(args.out).write_text(json.dumps(res, indent=1))
-    if args.compile:  # last, so that the numbers above are of the eager model
-        dash.install(model, ops)
-        dash.compile_layers(model)
-        for grad in args.grads.split(","):
-            time_search(grad, grad + " --compile")
     dash.restore_teacher(model)
     Path(args.out).write_text(json.dumps(res, indent=1))
     if args.dump_fla_configs and lengths:  # again, with the decoding kernels' configs
@@ -221,8 +234,8 @@ def main():
             ("teacher forward", f"{res['teacher_tok_s'] / 1e3:.1f}k tok/s  (MFU {res['teacher_mfu']:.0%})")]
     for grad in (k[len("search_"):] for k in res if k.startswith("search_")):
         r = res[f"search_{grad}"]
-        rows += [(f"search --grad {grad}", f"{r['tok_s'] / 1e3:.1f}k tok/s  (MFU {r['mfu']:.0%}, "
-                                           f"{r['vs_teacher']:.2f}x teacher forward)"),
+        mfu = f"MFU {r['mfu']:.0%}, " if "mfu" in r else ""
+        rows += [(f"search --grad {grad}", f"{r['tok_s'] / 1e3:.1f}k tok/s  ({mfu}{r['vs_teacher']:.2f}x teacher forward)"),
                  (f"search --grad {grad}: 12.3M tokens", f"{r['minutes_for_12.3M']:.1f} min"),
                  (f"search --grad {grad}: first step", f"{r['first_step_s']:.1f} s"),
                  (f"search --grad {grad}: peak memory", f"{r['peak_gib']:.1f} GiB")]

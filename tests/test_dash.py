@@ -170,18 +170,20 @@ def test_gradient_reaches_alpha_through_every_layer(tiny, text_file, tiny_dir):
 # ----------------------------------------------------------------------------- objective
 
 
-def test_chunked_kl_equals_unchunked():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_chunked_kl_equals_unchunked(compiled):
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)
     hs, ht = torch.randn(2, 9, 16, requires_grad=True), torch.randn(2, 9, 16)
-    kl = dash.chunked_kl(hs, ht, head, chunk=4)
+    terms = torch.compile(dash.kl_terms, dynamic=False) if compiled else dash.kl_terms  # as search() with --compile
+    kl = dash.chunked_kl(hs, ht, head, chunk=4, terms=terms)
     log_q, log_p = F.log_softmax(head(hs), -1), F.log_softmax(head(ht), -1)
     ref = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
     assert torch.allclose(kl, ref, atol=1e-6)
     g, = torch.autograd.grad(kl, hs)
     g_ref, = torch.autograd.grad(ref, hs)
     assert torch.allclose(g, g_ref, atol=1e-6)
-    assert dash.chunked_kl(ht, ht, head, 4).abs() < 1e-6
+    assert dash.chunked_kl(ht, ht, head, 4, terms).abs() < 1e-6
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -409,18 +411,29 @@ def test_the_readme_operator_example_works(tiny, tiny_dir, text_file, tmp_path):
 
 
 def test_compiled_layers_give_the_same_mixture_and_gradient(tiny, text_file, tiny_dir):
-    """--compile fuses the teacher's norms and MLPs: same outputs and logit gradients as eager."""
+    """--compile compiles whole decoder layers (the operators' kernels run between graphs): same teacher, same
+    mixture, same logit gradients as eager, for both gradients and with an operator skipped; then undone."""
     model, _ = tiny
     mixed(model, tiny_cfg(tiny_dir, text_file))
     ids = torch.randint(0, model.config.vocab_size, (2, 24))
-    outs, grads = [], []
+    alpha = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    alpha[:, 2] = -30  # gla collapsed: skipped
+    results = []
     for compiled in (False, True):
-        if compiled:
-            dash.compile_layers(model)
-            assert all(l.mlp._compiled_call_impl is not None for l in model.model.layers)
-        alpha = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
-        dash.set_weights(model, alpha.softmax(-1))
-        outs.append(model.model(input_ids=ids).last_hidden_state)
-        outs[-1].pow(2).mean().backward()
-        grads.append(alpha.grad)
-    assert torch.allclose(outs[0], outs[1], atol=1e-5) and torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-7)
+        dash.compile_layers(model, on=compiled)
+        assert all((l._compiled_call_impl is not None) == compiled for l in model.model.layers)
+        with torch.no_grad():
+            dash.set_weights(model, None)
+            res = [model.model(input_ids=ids, use_cache=False).last_hidden_state]
+        for grad in ("exact", "teacher"):
+            a = alpha.clone().requires_grad_()
+            dash.set_weights(model, a.softmax(-1), skip_below=1e-3, grad=grad)
+            out = model.model(input_ids=ids, use_cache=False).last_hidden_state
+            out.pow(2).mean().backward()
+            res += [out.detach(), a.grad]
+        results.append(res)
+    dash.compile_layers(model, on=False)
+    assert all(l._compiled_call_impl is None for l in model.model.layers)
+    for eager, compiled in zip(*results):
+        assert torch.allclose(eager, compiled, rtol=1e-3, atol=1e-5), (eager - compiled).abs().max()
+    assert not torch.allclose(results[0][2], results[0][4])  # the two gradients differ: both paths were checked

@@ -131,3 +131,34 @@ def test_search_and_preparation_steps_fit_on_the_3b_shape(model3b, tmp_path):
     out = hybrid.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     assert out.shape == (2, 608)
     dash.restore_teacher(model3b)
+
+
+def test_compiled_layers_match_eager_on_the_fla_path():
+    """--compile on CUDA (the default there): fla's kernels run between compiled graphs; the KL and the logits'
+    gradient match the eager search step, for both gradients, with one operator skipped."""
+    model = qwen3b(layers=2)
+    names = ["full", "swa", "gla", "gdn"]
+    cfg = dash.Config(window=512, kernels="fla")
+    dash.install(model, dash.make_ops(model, names, cfg))
+    ids = torch.randint(0, 151936, (2, 2048), device="cuda")
+    alpha = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    alpha[:, 1] = -30  # swa collapsed: skipped
+    results = []
+    for compiled in (False, True):
+        dash.compile_layers(model, on=compiled)
+        for grad in ("exact", "teacher"):
+            with torch.no_grad():
+                dash.set_weights(model, None)
+                h_teacher = model.model(input_ids=ids, use_cache=False).last_hidden_state
+            a = alpha.cuda().requires_grad_()
+            dash.set_weights(model, a.softmax(-1), skip_below=1e-3, grad=grad)
+            h = model.model(input_ids=ids, use_cache=False).last_hidden_state
+            terms = torch.compile(dash.kl_terms, dynamic=False) if compiled else dash.kl_terms
+            kl = dash.chunked_kl(h, h_teacher, model.lm_head, 1024, terms)
+            kl.backward()
+            results.append((kl.detach(), a.grad))
+    dash.compile_layers(model, on=False)
+    dash.restore_teacher(model)
+    for (kl, g), (kl_c, g_c) in zip(results[:2], results[2:]):
+        assert rms_err(kl_c, kl) < TOL["out"] and rms_err(g_c, g) < TOL["grad"], (rms_err(kl_c, kl), rms_err(g_c, g))
+    assert rms_err(results[0][1], results[1][1]) > 1e-3  # exact and teacher gradients differ: both were checked
