@@ -174,7 +174,7 @@ class FullAttention(nn.Module):
 
     def forward(self, p: LayerInput) -> torch.Tensor:
         attn = p.attn
-        q, k, v = (t.transpose(1, 2) for t in (p.q_rope, p.k_rope, p.v))  # (B, heads, T, D), as HF's functions want
+        q, k, v = (t.transpose(1, 2) for t in (p.q_rope, p.k_rope, p.v))  # (B, heads, T, D) for HF's functions
         if p.cache is not None:
             k, v = p.cache.update(k, v, attn.layer_idx)
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
