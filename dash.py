@@ -475,7 +475,8 @@ class MixedAttention(nn.Module):
         """sum_i w_i y_i. With the straight-through gradient a cheap operator's y_i takes the teacher's way back:
         its value is y_i, its derivative that of the teacher's attention. The logits' gradient, y_i . dL/dy,
         stays exact; earlier layers see the teacher's Jacobian."""
-        w = dict(zip(self.ops, self.weights.to(ys[next(iter(ys))].dtype).unbind()))
+        dtype = next(iter(ys.values())).dtype
+        w = dict(zip(self.ops, self.weights.to(dtype).unbind()))
         y = 0
         for name, y_i in ys.items():
             if self.grad == "teacher" and name != "full":

@@ -110,7 +110,6 @@ def main():
     ap.add_argument("--candidates", default="full,swa,gla,gdn")
     ap.add_argument("--grads", default="exact,teacher", help="search variants (dash.py --grad) to time")
     ap.add_argument("--modes", default="eager", help="eager,compile: time each variant eager, with dash.py --compile")
-    ap.add_argument("--compile", action="store_true", help="same as adding compile to --modes")
     ap.add_argument("--collapsed", action="store_true", help="also time each variant at the end of a search: "
                                                             "one operator left per layer, the others skipped")
     ap.add_argument("--profile", action="store_true", help="profile 3 search steps of each variant: top CUDA ops")
@@ -189,8 +188,7 @@ def main():
         print(name, r, flush=True)
         Path(args.out).write_text(json.dumps(res, indent=1))  # as it goes: a run cut off keeps what it measured
 
-    modes = args.modes.split(",") + (["compile"] if args.compile and "compile" not in args.modes else [])
-    for mode in modes:
+    for mode in args.modes.split(","):
         cfg.compile = mode == "compile"  # the layers and the KL
         dash.compile_layers(model, on=cfg.compile)
         suffix = " --compile" if mode == "compile" else ""
