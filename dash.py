@@ -490,7 +490,7 @@ class MixedAttention(nn.Module):
 def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """A real HF causal LM and its tokenizer, frozen, with attention we know how to take apart."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
         tokenizer = AutoTokenizer.from_pretrained(name)
     except ValueError as e:  # "Unrecognized configuration class ... for this kind of AutoModel"
         raise DashError(f"{name} is not a causal language model that transformers can load: {str(e)[:200]}")
@@ -502,7 +502,29 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
                 or hasattr(a, "q_norm"):
             raise DashError(f"{name}: dash needs Qwen2/Llama-style attention (q/k/v/o projections, no q/k norms); "
                             f"found {type(a).__name__}")
-    return model.to(device).eval().requires_grad_(False), tokenizer
+    if "sliding_attention" in (getattr(model.config, "layer_types", None) or []):
+        raise DashError(f"{name} has sliding-window layers: dash's teacher keeps full causal attention in every layer")
+    model = model.to(device).eval().requires_grad_(False)
+    ids = torch.arange(16, device=device)[None] % model.config.vocab_size
+    with torch.no_grad():
+        if not torch.allclose(final_hidden(model, ids), model.model(input_ids=ids).last_hidden_state, 1e-2, 1e-3):
+            raise DashError(f"{name}: its forward pass is not embeddings, layers, norm as Qwen2's and Llama's, "
+                            "which the search spells out (final_hidden)")
+    return model, tokenizer
+
+
+def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    """model.model(ids).last_hidden_state for a batch without padding, spelled out for the search: embeddings,
+    RoPE, the layers with no mask (sdpa's causal attention), the final norm. Given no attention mask, HF's forward
+    looks for packed sequences in the position ids, a host sync per call: the CPU could not queue a pass ahead of
+    the GPU (on the H100 the search ran 8-12% faster without it). load_model() checks that both agree."""
+    m = model.model
+    h = m.embed_tokens(ids)
+    pos = torch.arange(ids.shape[1], device=ids.device)[None]
+    rope = m.rotary_emb(h, pos)
+    for layer in m.layers:
+        h = layer(h, attention_mask=None, position_embeddings=rope, position_ids=pos)
+    return m.norm(h)
 
 
 def teacher_attention(model) -> list[nn.Module]:
@@ -709,6 +731,20 @@ def heatmap(w: torch.Tensor, names: list[str]) -> str:
     return "\n".join(rows)
 
 
+def kl_and_grad(model, ids: torch.Tensor, w: torch.Tensor, active: list, cfg: Config, terms=kl_terms):
+    """The costly part of a search step: the teacher's pass, the mixture's pass with operator weights w (L, n_ops)
+    and the operators in `active`, the mean KL(teacher || mixture), and its gradient w.r.t. w by backpropagation
+    through every layer. Returns both, detached: the logits' side of the step (softmax, regularizers) is cheap."""
+    with torch.no_grad():  # the teacher: same model, every layer its own full attention
+        set_weights(model, None)
+        h_teacher = final_hidden(model, ids)
+    w = w.detach().requires_grad_()
+    set_weights(model, w, grad=cfg.grad, active=active)
+    kl = chunked_kl(final_hidden(model, ids), h_teacher, model.get_output_embeddings(), cfg.kl_chunk, terms)
+    dkl_dw, = torch.autograd.grad(kl, w)
+    return kl.detach(), dkl_dw
+
+
 def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: torch.Tensor | None = None) -> dict:
     """Train only the architecture logits alpha (L, n_ops) to bring the mixture close to the teacher.
     alpha0: the logits to start from (default zeros: the uniform mixture)."""
@@ -720,24 +756,19 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: 
     print(f"trainable: alpha {tuple(alpha.shape)} = {alpha.numel()} logits; frozen: {frozen:,} weights")
     D = teacher_attention(model)[0].head_dim
     costs = torch.tensor([op_cost(n, D, cfg.window, cfg.cost_len) for n in names], device=device)
-    head, history, t0 = model.get_output_embeddings(), [], time.time()
+    history, t0 = [], time.time()
     kl_fn = torch.compile(kl_terms, dynamic=False) if cfg.compile else kl_terms
     bar = tqdm(range(steps), desc="search", unit="step")
     for step in bar:
         ids = batches[step].to(device)
         tau = tau_at(step, steps, cfg)
         w = F.softmax(alpha / tau, dim=-1)
-        active = (w.detach() > cfg.skip_below).tolist()  # host copy before the teacher is queued: no wait for it
-        with torch.no_grad():  # the teacher: same model, every layer its own full attention
-            set_weights(model, None)
-            h_teacher = model.model(input_ids=ids, use_cache=False).last_hidden_state
-        set_weights(model, w, grad=cfg.grad, active=active)
-        h_student = model.model(input_ids=ids, use_cache=False).last_hidden_state
-        kl = chunked_kl(h_student, h_teacher, head, cfg.kl_chunk, kl_fn)
+        active = (w.detach() > cfg.skip_below).tolist()  # one host copy a step decides which operators run
+        kl, dkl_dw = kl_and_grad(model, ids, w, active, cfg, kl_fn)
         terms = regularizers(w, names, cfg, costs, step / max(1, steps - 1))
         loss = kl + sum(terms.values())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + (dkl_dw * w).sum()).backward()  # the KL's gradient enters through w; autograd does the softmax
         opt.step()
         with torch.no_grad():
             w = F.softmax(alpha / tau, dim=-1)

@@ -149,10 +149,10 @@ def test_compiled_layers_match_eager_on_the_fla_path():
         for grad in ("exact", "teacher"):
             with torch.no_grad():
                 dash.set_weights(model, None)
-                h_teacher = model.model(input_ids=ids, use_cache=False).last_hidden_state
+                h_teacher = dash.final_hidden(model, ids)
             a = alpha.cuda().requires_grad_()
             dash.set_weights(model, a.softmax(-1), skip_below=1e-3, grad=grad)
-            h = model.model(input_ids=ids, use_cache=False).last_hidden_state
+            h = dash.final_hidden(model, ids)  # as search() runs it
             terms = torch.compile(dash.kl_terms, dynamic=False) if compiled else dash.kl_terms
             kl = dash.chunked_kl(h, h_teacher, model.lm_head, 1024, terms)
             kl.backward()
