@@ -452,6 +452,9 @@ class MixedAttention(nn.Module):
         self.weights, self.active, self.grad = None, None, "exact"  # set by set_weights() every step
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+        if past_key_values is not None and self.weights is not None and sum(self.active) > 1:
+            raise DashError("a mixture of operators cannot use a cache (they would share one layer's slot): "
+                            "call it with use_cache=False, or build the hybrid to generate")
         p = project(self.attn, hidden_states, position_embeddings, attention_mask, past_key_values)
         if len(self.ops) == 1:  # a hybrid's layer
             y = next(iter(self.ops.values()))(p)

@@ -163,9 +163,32 @@ def test_gradient_reaches_alpha_through_every_layer(tiny, text_file, tiny_dir):
     alpha = torch.zeros(4, 4, requires_grad=True)
     dash.set_weights(model, alpha.softmax(-1))
     ids = torch.randint(0, model.config.vocab_size, (2, 24))
-    model.model(input_ids=ids).last_hidden_state.pow(2).mean().backward()
+    model.model(input_ids=ids, use_cache=False).last_hidden_state.pow(2).mean().backward()
     assert (alpha.grad.abs().sum(-1) > 0).all()
     assert all(p.grad is None for p in model.parameters())
+
+def test_a_step_is_the_plain_kl_and_its_gradient(tiny, text_file, tiny_dir):
+    """kl_and_grad(): the search's own decoder pass (final_hidden) and the chunked KL give what HF's forward and a
+    plain full-vocabulary KL give: the same KL(teacher || mixture), the same gradient w.r.t. the weights."""
+    model, _ = tiny
+    cfg = dash.resolve(tiny_cfg(tiny_dir, text_file, kl_chunk=16), 4)
+    mixed(model, cfg)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    w = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    kl, dkl_dw = dash.kl_and_grad(model, ids, w, [[True] * 4] * 4, cfg)
+    with torch.no_grad():
+        dash.set_weights(model, None)
+        log_p = model(ids, use_cache=False).logits.log_softmax(-1)
+    w_ref = w.clone().requires_grad_()
+    dash.set_weights(model, w_ref)
+    log_q = model(ids, use_cache=False).logits.log_softmax(-1)
+    kl_ref = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    kl_ref.backward()
+    assert torch.allclose(kl, kl_ref, rtol=1e-4), (kl, kl_ref)
+    assert torch.allclose(dkl_dw, w_ref.grad, rtol=1e-3, atol=1e-8), (dkl_dw - w_ref.grad).abs().max()
+    assert (dkl_dw.abs() > 0).all()
+    with pytest.raises(dash.DashError, match="cannot use a cache"):  # the operators would share one cache slot
+        model(ids)
 
 # ----------------------------------------------------------------------------- objective
 
@@ -396,7 +419,7 @@ def test_teacher_gradient_mode_same_values_exact_last_layer_and_no_op_graph(tiny
     for grad in ("exact", "teacher"):
         alpha = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
         dash.set_weights(model, alpha.softmax(-1), grad=grad)
-        outs[grad] = model.model(input_ids=ids).last_hidden_state
+        outs[grad] = model.model(input_ids=ids, use_cache=False).last_hidden_state
         outs[grad].pow(2).mean().backward()
         grads[grad] = alpha.grad
     assert torch.allclose(outs["exact"], outs["teacher"], atol=1e-6)
