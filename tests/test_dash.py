@@ -167,6 +167,7 @@ def test_gradient_reaches_alpha_through_every_layer(tiny, text_file, tiny_dir):
     assert (alpha.grad.abs().sum(-1) > 0).all()
     assert all(p.grad is None for p in model.parameters())
 
+
 def test_a_step_is_the_plain_kl_and_its_gradient(tiny, text_file, tiny_dir):
     """kl_and_grad(): the search's own decoder pass (final_hidden) and the chunked KL give what HF's forward and a
     plain full-vocabulary KL give: the same KL(teacher || mixture), the same gradient w.r.t. the weights."""

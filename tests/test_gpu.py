@@ -11,6 +11,8 @@ import torch.nn.functional as F
 import dash
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+if torch.cuda.is_available():
+    dash.use_fla_configs()  # as dash.py does: the shipped autotune configs, read when fla is first imported
 
 # bf16 kernels against fp32 references: fla's own tests accept a few 1e-3 of RMS error (../shared/gpu/check.py
 # measured 3.5e-3 to 5e-3 on an H100); gradients through a chunked recurrence gather a bit more.
