@@ -61,6 +61,9 @@ class Config:
     tokens: int | None = opt(None, "search tokens (default: 12.3M as in the paper; 131k for the small model)")
     seq_len: int | None = opt(None, "tokens per sequence (default: 2048; 1024 for the small model)")
     batch_size: int | None = opt(None, "sequences per step (default: 4)")
+    micro_batch: int | None = opt(None, "sequences per pass: a step sums its gradient over passes of this many, "
+                                        "keeping activations for these only: less memory, more kernel launches "
+                                        "(default: the whole batch)")
     lr: float | None = opt(None, "Adam learning rate of the logits (default: 0.01; 0.1 for the small model's few steps)")
     tau_start: float = opt(1.0, "softmax temperature at the first step ...")
     tau_end: float = opt(0.1, "... annealed exponentially to this at the last: late choices become decisive")
@@ -107,6 +110,9 @@ def resolve(cfg: Config, n_layers: int) -> Config:
         cfg.k = max(2, round(n_layers / 7))
     if not 0 < cfg.k < n_layers:
         raise DashError(f"--k {cfg.k} is out of range: the model has {n_layers} layers, so 1 <= K <= {n_layers - 1}")
+    if cfg.micro_batch is not None and not (0 < cfg.micro_batch <= cfg.batch_size
+                                            and cfg.batch_size % cfg.micro_batch == 0):
+        raise DashError(f"--micro-batch {cfg.micro_batch} must divide --batch-size {cfg.batch_size}")
     if cfg.grad not in ("exact", "teacher"):
         raise DashError(f"--grad {cfg.grad!r}: choose exact or teacher")
     if cfg.threshold is not None and not 0 < cfg.threshold < 1:
@@ -737,15 +743,22 @@ def heatmap(w: torch.Tensor, names: list[str]) -> str:
 def kl_and_grad(model, ids: torch.Tensor, w: torch.Tensor, active: list, cfg: Config, terms=kl_terms):
     """The costly part of a search step: the teacher's pass, the mixture's pass with operator weights w (L, n_ops)
     and the operators in `active`, the mean KL(teacher || mixture), and its gradient w.r.t. w by backpropagation
-    through every layer. Returns both, detached: the logits' side of the step (softmax, regularizers) is cheap."""
-    with torch.no_grad():  # the teacher: same model, every layer its own full attention
-        set_weights(model, None)
-        h_teacher = final_hidden(model, ids)
-    w = w.detach().requires_grad_()
-    set_weights(model, w, grad=cfg.grad, active=active)
-    kl = chunked_kl(final_hidden(model, ids), h_teacher, model.get_output_embeddings(), cfg.kl_chunk, terms)
-    dkl_dw, = torch.autograd.grad(kl, w)
-    return kl.detach(), dkl_dw
+    through every layer. Returns both, detached: the logits' side of the step (softmax, regularizers) is cheap.
+    With cfg.micro_batch, the batch goes through in parts and the parts' KLs and gradients add up (same result,
+    activations kept for one part only)."""
+    parts = ids.split(cfg.micro_batch or len(ids))
+    kl, dkl_dw = 0, 0
+    for part in parts:
+        with torch.no_grad():  # the teacher: same model, every layer its own full attention
+            set_weights(model, None)
+            h_teacher = final_hidden(model, part)
+        w_part = w.detach().requires_grad_()
+        set_weights(model, w_part, grad=cfg.grad, active=active)
+        kl_part = chunked_kl(final_hidden(model, part), h_teacher, model.get_output_embeddings(), cfg.kl_chunk,
+                             terms) / len(parts)
+        grad, = torch.autograd.grad(kl_part, w_part)
+        kl, dkl_dw = kl + kl_part.detach(), dkl_dw + grad
+    return kl, dkl_dw
 
 
 def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: torch.Tensor | None = None) -> dict:

@@ -170,13 +170,16 @@ def test_gradient_reaches_alpha_through_every_layer(tiny, text_file, tiny_dir):
 
 def test_a_step_is_the_plain_kl_and_its_gradient(tiny, text_file, tiny_dir):
     """kl_and_grad(): the search's own decoder pass (final_hidden) and the chunked KL give what HF's forward and a
-    plain full-vocabulary KL give: the same KL(teacher || mixture), the same gradient w.r.t. the weights."""
+    plain full-vocabulary KL give: the same KL(teacher || mixture), the same gradient w.r.t. the weights; so does
+    the batch in micro-batches of one sequence."""
     model, _ = tiny
     cfg = dash.resolve(tiny_cfg(tiny_dir, text_file, kl_chunk=16), 4)
     mixed(model, cfg)
     ids = torch.randint(0, model.config.vocab_size, (2, 24))
     w = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)).softmax(-1)
     kl, dkl_dw = dash.kl_and_grad(model, ids, w, [[True] * 4] * 4, cfg)
+    cfg.micro_batch = 1
+    kl_micro, dkl_dw_micro = dash.kl_and_grad(model, ids, w, [[True] * 4] * 4, cfg)
     with torch.no_grad():
         dash.set_weights(model, None)
         log_p = model(ids, use_cache=False).logits.log_softmax(-1)
@@ -188,6 +191,8 @@ def test_a_step_is_the_plain_kl_and_its_gradient(tiny, text_file, tiny_dir):
     assert torch.allclose(kl, kl_ref, rtol=1e-4), (kl, kl_ref)
     assert torch.allclose(dkl_dw, w_ref.grad, rtol=1e-3, atol=1e-8), (dkl_dw - w_ref.grad).abs().max()
     assert (dkl_dw.abs() > 0).all()
+    assert torch.allclose(kl_micro, kl_ref, rtol=1e-4), (kl_micro, kl_ref)
+    assert torch.allclose(dkl_dw_micro, w_ref.grad, rtol=1e-3, atol=1e-8), (dkl_dw_micro - w_ref.grad).abs().max()
     with pytest.raises(dash.DashError, match="cannot use a cache"):  # the operators would share one cache slot
         model(ids)
 
@@ -360,6 +365,7 @@ def test_bad_inputs_get_one_clear_message(tiny_dir, text_file, tmp_path, capsys)
     fails(["--candidates", "full,mamba"], "unknown operator 'mamba'")
     fails(["--k", "4"], "--k 4 is out of range: the model has 4 layers")
     fails(["--k", "0"], "out of range")
+    fails(["--batch-size", "4", "--micro-batch", "3"], "--micro-batch 3 must divide --batch-size 4")
     fails(["--kernels", "fla"], "fla's Triton kernels need a CUDA GPU")
     fails(["--no-prepare", "--cache", str(tmp_path / "none.safetensors")], "no candidate cache at")
     fails(["--data", str(tmp_path / "nope.txt")], "no such file")
