@@ -147,7 +147,7 @@ def capture(model, ids: torch.Tensor) -> list[tuple]:
             with_kwargs=True))
     try:
         with torch.no_grad():
-            model.model(input_ids=ids, use_cache=False)
+            dash.final_hidden(model, ids)  # the layers as in model.model(ids), without its host sync
     finally:
         for h in hooks:
             h.remove()
