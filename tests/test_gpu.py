@@ -136,8 +136,9 @@ def test_search_and_preparation_steps_fit_on_the_3b_shape(model3b, tmp_path):
 
 
 def test_compiled_layers_match_eager_on_the_fla_path():
-    """--compile on CUDA (the default there): fla's kernels run between compiled graphs; the KL and the logits'
-    gradient match the eager search step, for both gradients, with one operator skipped."""
+    """--compile on CUDA (the default there): fla's kernels run between compiled graphs; the KL and its gradient
+    w.r.t. the operator weights match the eager search step, for both gradients, with one operator skipped. The
+    compiled steps go through in micro-batches of one sequence: that path is checked on the GPU too."""
     model = qwen3b(layers=2)
     names = ["full", "swa", "gla", "gdn"]
     cfg = dash.Config(window=512, kernels="fla")
@@ -145,20 +146,16 @@ def test_compiled_layers_match_eager_on_the_fla_path():
     ids = torch.randint(0, 151936, (2, 2048), device="cuda")
     alpha = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
     alpha[:, 1] = -30  # swa collapsed: skipped
+    w = alpha.softmax(-1).cuda()
+    active = (w > 1e-3).tolist()
     results = []
     for compiled in (False, True):
         dash.compile_layers(model, on=compiled)
+        cfg.micro_batch = 1 if compiled else None
         for grad in ("exact", "teacher"):
-            with torch.no_grad():
-                dash.set_weights(model, None)
-                h_teacher = dash.final_hidden(model, ids)
-            a = alpha.cuda().requires_grad_()
-            dash.set_weights(model, a.softmax(-1), skip_below=1e-3, grad=grad)
-            h = dash.final_hidden(model, ids)  # as search() runs it
+            cfg.grad = grad
             terms = torch.compile(dash.kl_terms, dynamic=False) if compiled else dash.kl_terms
-            kl = dash.chunked_kl(h, h_teacher, model.lm_head, 1024, terms)
-            kl.backward()
-            results.append((kl.detach(), a.grad))
+            results.append(dash.kl_and_grad(model, ids, w, active, cfg, terms))  # as search() runs it
     dash.compile_layers(model, on=False)
     dash.restore_teacher(model)
     for (kl, g), (kl_c, g_c) in zip(results[:2], results[2:]):
