@@ -109,10 +109,13 @@ def main():
     ap.add_argument("--skip-below", type=float, default=dash.Config.skip_below)
     ap.add_argument("--candidates", default="full,swa,gla,gdn")
     ap.add_argument("--grads", default="exact,teacher", help="search variants (dash.py --grad) to time")
+    ap.add_argument("--micro-batches", default="", help="also time each variant with these dash.py --micro-batch "
+                                                       "values, e.g. 2,1 (the whole batch is always timed)")
     ap.add_argument("--modes", default="eager", help="eager,compile: time each variant eager, with dash.py --compile")
     ap.add_argument("--collapsed", action="store_true", help="also time each variant at the end of a search: "
                                                             "one operator left per layer, the others skipped")
-    ap.add_argument("--profile", action="store_true", help="profile 3 search steps of each variant: top CUDA ops")
+    ap.add_argument("--profile", action="store_true", help="profile 3 search steps of each variant (all active): top CUDA ops, "
+                                                                "GPU against wall time per step")
     ap.add_argument("--fla-configs", default=None, help="load fla autotune configs from here (FLA_CACHE_MODE=fuzzy)")
     ap.add_argument("--dump-fla-configs", default=None, help="write fla's autotuning results here at the end")
     ap.add_argument("--lengths", default="4096,8192,16384,32768", help="context lengths of the inference table "
@@ -158,8 +161,10 @@ def main():
         weights = prepare_candidates.load_file("/tmp/bench_cands.safetensors")
 
     # search: every candidate in every layer, KL in chunks, only alpha trains
+    # lr 0: the operator weights stay where they start, so each row times one state (all active, or collapsed);
+    # a learning search with prepared candidates would drop operators, and compile for each new set, mid-timing
     cfg = dash.resolve(dash.Config(model="qwen3b-shaped", candidates=",".join(names), k=5, tokens=args.steps * B * T,
-                                   seq_len=T, batch_size=B, window=args.window, kernels="fla",
+                                   seq_len=T, batch_size=B, lr=0.0, window=args.window, kernels="fla",
                                    skip_below=args.skip_below, log_every=10 ** 9, check_samples=0), 36)
     ops = dash.make_ops(model, names, cfg)
     if weights:
@@ -188,23 +193,42 @@ def main():
         print(name, r, flush=True)
         Path(args.out).write_text(json.dumps(res, indent=1))  # as it goes: a run cut off keeps what it measured
 
+    def profile_search(grad: str, name: str):
+        """Where a step's time goes: the top CUDA ops of 3 steps, and GPU time against wall time per step (a GPU
+        busy far less than the wall time waits for the CPU to launch its kernels)."""
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+        cfg.grad = grad
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            result = dash.search(model, batches[:3], names, cfg)
+        events = prof.key_averages()
+        gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)  # kernels only,
+        times = [h["time"] for h in result["history"]]  # as the table's total: ops would count their kernels again
+        res[f"search_{name}"].update(profile_gpu_ms_per_step=gpu_us / 3e3,
+                                     profile_wall_ms_per_step=(times[-1] - times[0]) / 2 * 1e3)  # steps 2 and 3
+        table = events.table(sort_by="self_cuda_time_total", row_limit=40)
+        Path(args.out).with_suffix(f".profile-{name.replace(' --', '-').replace(' ', '-')}.txt").write_text(table)
+        print(table, "\n", name, {k: v for k, v in res[f"search_{name}"].items() if k.startswith("profile")}, flush=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+
     for mode in args.modes.split(","):
         cfg.compile = mode == "compile"  # the layers and the KL
         dash.compile_layers(model, on=cfg.compile)
         suffix = " --compile" if mode == "compile" else ""
-        for grad in args.grads.split(","):
-            time_search(grad, grad + suffix)
-            if args.collapsed:
-                time_search(grad, grad + suffix + " collapsed", collapsed)
-        if args.profile:  # where a step's time goes, per variant
-            from torch.profiler import ProfilerActivity, profile
+        for micro in [None] + [int(m) for m in args.micro_batches.split(",") if m]:
+            cfg.micro_batch = micro
+            if micro and cfg.compile:
+                torch._dynamo.reset()  # graphs for the new batch shape, not a dynamic-shape recompile
+            name = suffix + (f" --micro-batch {micro}" if micro else "")
             for grad in args.grads.split(","):
-                cfg.grad = grad
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    dash.search(model, batches[:3], names, cfg)
-                table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
-                Path(args.out).with_suffix(f".profile-{grad}{suffix.replace(' --', '-')}.txt").write_text(table)
-                print(table, flush=True)
+                time_search(grad, grad + name)
+                if args.profile:
+                    profile_search(grad, grad + name)
+                if args.collapsed:
+                    time_search(grad, grad + name + " collapsed", collapsed)
+        cfg.micro_batch = None
+        if args.micro_batches and cfg.compile:
+            torch._dynamo.reset()
     dash.compile_layers(model, on=False)
     if args.dump_fla_configs:
         dump_fla_configs(Path(args.dump_fla_configs))
