@@ -114,8 +114,8 @@ def main():
     ap.add_argument("--modes", default="eager", help="eager,compile: time each variant eager, with dash.py --compile")
     ap.add_argument("--collapsed", action="store_true", help="also time each variant at the end of a search: "
                                                             "one operator left per layer, the others skipped")
-    ap.add_argument("--profile", action="store_true", help="profile 3 search steps of each variant (all active): top CUDA ops, "
-                                                                "GPU against wall time per step")
+    ap.add_argument("--profile", action="store_true", help="profile 3 search steps of each variant (all active): "
+                                                            "top CUDA ops, GPU against wall time per step")
     ap.add_argument("--fla-configs", default=None, help="load fla autotune configs from here (FLA_CACHE_MODE=fuzzy)")
     ap.add_argument("--dump-fla-configs", default=None, help="write fla's autotuning results here at the end")
     ap.add_argument("--lengths", default="4096,8192,16384,32768", help="context lengths of the inference table "
@@ -202,8 +202,9 @@ def main():
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             result = dash.search(model, batches[:3], names, cfg)
         events = prof.key_averages()
-        gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)  # kernels only,
-        times = [h["time"] for h in result["history"]]  # as the table's total: ops would count their kernels again
+        # kernels only, as the table's total does: an op's self device time is its kernels', counted again
+        gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+        times = [h["time"] for h in result["history"]]
         res[f"search_{name}"].update(profile_gpu_ms_per_step=gpu_us / 3e3,
                                      profile_wall_ms_per_step=(times[-1] - times[0]) / 2 * 1e3)  # steps 2 and 3
         table = events.table(sort_by="self_cuda_time_total", row_limit=40)
