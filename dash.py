@@ -33,9 +33,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb, eager_attention_forward
 
 HERE = Path(__file__).resolve().parent
 SMALL_MODEL = HERE / "small_model"  # the small pretrained teacher that ships with the project
@@ -125,7 +124,8 @@ def resolve(cfg: Config, n_layers: int) -> Config:
 #   x (B, T, C) the normed layer input; q (B, T, H, D); k, v (B, T, Hkv, D) before RoPE; q_rope, k_rope after.
 # It returns the per-head output (B, T, H, D), which the teacher's o_proj turns into the layer's output.
 # Sharing is what makes a mixed layer cheap: o_proj is linear, so sum_i w_i o_proj(y_i) = o_proj(sum_i w_i y_i).
-# With `cache` (generation), an operator keeps what it needs in its layer's slot of HF's cache.
+# With `cache` (generation), an operator keeps what it needs in its layer's slot of HF's cache, a slot of dash's
+# own (KVSlot, StateSlot): no hybrid depends on how HF's cache layers behave, which changes between releases.
 
 
 @dataclass
@@ -141,10 +141,16 @@ class LayerInput:
     cache: object = None              # HF's Cache during generation
 
 
+def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as Qwen2 and Llama apply it: t (B, T, heads, D), cos and sin (B, T, D) from the model's rotary_emb."""
+    half = t.shape[-1] // 2
+    return t * cos[:, :, None] + torch.cat((-t[..., half:], t[..., :half]), -1) * sin[:, :, None]
+
+
 def project(attn: nn.Module, x: torch.Tensor, rope, mask=None, cache=None) -> LayerInput:
     shape = (*x.shape[:-1], -1, attn.head_dim)
     q, k, v = (proj(x).view(shape) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    return LayerInput(x, q, k, v, *apply_rotary_pos_emb(q, k, *rope, unsqueeze_dim=2), attn, mask, cache)
+    return LayerInput(x, q, k, v, rotate(q, *rope), rotate(k, *rope), attn, mask, cache)
 
 
 def keep_mask(mask, T: int, S: int, device) -> torch.Tensor:
@@ -165,9 +171,56 @@ def valid_tokens(p: LayerInput) -> torch.Tensor | None:
     return keep_mask(p.mask, T, p.mask.shape[-1], p.x.device)[:, 0, -1, -T:]
 
 
-def cache_slot(cache, layer_idx: int, kind: type, make):
-    """This layer's slot in HF's cache, swapped on first use for the kind its operator keeps."""
-    if not isinstance(cache.layers[layer_idx], kind):
+class Slot(DynamicLayer):
+    """A layer's slot in HF's cache, of dash's own. HF's position and mask bookkeeping may ask any layer's slot for
+    its length, so every slot counts the tokens it has seen and reports the sizes of a full causal mask; each
+    operator cuts the part it needs (a window, or nothing for a recurrent state) itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+
+class KVSlot(Slot):
+    """Keys and values (B, Hkv, S, D) of the last `keep` tokens (None: all of them)."""
+
+    def __init__(self, keep: int | None = None):
+        super().__init__()
+        self.keep = keep
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add this step's keys and values; return those the step attends to (the kept ones and the new ones)."""
+        self.seen += k.shape[-2]
+        if self.keys is not None:
+            k, v = torch.cat([self.keys, k], -2), torch.cat([self.values, v], -2)
+        drop = 0 if self.keep is None else max(0, k.shape[-2] - self.keep)
+        self.keys, self.values, self.is_initialized = k[..., drop:, :], v[..., drop:, :], True
+        return k, v
+
+
+class StateSlot(Slot):
+    """The recurrent state (B, H, K, V) of a linear-attention layer, instead of keys and values."""
+
+    def __init__(self):
+        super().__init__()
+        self.state = None
+
+    def write(self, state: torch.Tensor, new_tokens: int):
+        self.state, self.seen, self.is_initialized = state, self.seen + new_tokens, True
+
+
+def cache_slot(cache, layer_idx: int, make) -> Slot:
+    """This layer's slot in HF's cache: made by `make()` on first use, in place of HF's own slot (which a cache
+    made without a config only adds when a layer first writes)."""
+    while len(cache.layers) <= layer_idx:
+        cache.layers.append(DynamicLayer())
+    if not isinstance(cache.layers[layer_idx], Slot):
         cache.layers[layer_idx] = make()
     return cache.layers[layer_idx]
 
@@ -182,10 +235,9 @@ class FullAttention(nn.Module):
         attn = p.attn
         q, k, v = (t.transpose(1, 2) for t in (p.q_rope, p.k_rope, p.v))  # (B, heads, T, D) for HF's functions
         if p.cache is not None:
-            k, v = p.cache.update(k, v, attn.layer_idx)
-        fn = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
-        y, _ = fn(attn, q, k, v, p.mask, dropout=0.0, scaling=attn.scaling,
-                  sliding_window=getattr(attn, "sliding_window", None))
+            k, v = cache_slot(p.cache, attn.layer_idx, KVSlot).append(k, v)
+        fn = ALL_ATTENTION_FUNCTIONS[attn.config._attn_implementation]  # load_model() asks for sdpa
+        y, _ = fn(attn, q, k, v, p.mask, dropout=0.0, scaling=attn.scaling)
         return y  # (B, T, H, D)
 
 
@@ -200,10 +252,9 @@ class SlidingWindowAttention(nn.Module):
 
     def forward(self, p: LayerInput) -> torch.Tensor:
         q, k, v = p.q_rope, p.k_rope, p.v  # (B, T, heads, D)
-        if p.cache is not None:
-            slot = cache_slot(p.cache, self.layer_idx, DynamicSlidingWindowLayer,
-                              lambda: DynamicSlidingWindowLayer(sliding_window=self.window))
-            k, v = (t.transpose(1, 2) for t in slot.update(k.transpose(1, 2), v.transpose(1, 2)))
+        if p.cache is not None:  # keep window - 1 tokens: with the next one, a whole window
+            slot = cache_slot(p.cache, self.layer_idx, lambda: KVSlot(keep=self.window - 1))
+            k, v = (t.transpose(1, 2) for t in slot.append(k.transpose(1, 2), v.transpose(1, 2)))
         T, S = q.shape[1], k.shape[1]  # the S keys are the last S positions, ending at the last query
         if p.mask is None and T == S and use_fla(q, self.kernels):
             from fla.ops.attn import parallel_attn
@@ -357,11 +408,11 @@ class LinearAttention(nn.Module):
 
     def run(self, p: LayerInput, kernel, *args) -> torch.Tensor:
         """Run the recurrence, from and into this layer's cache slot during generation; normalise per head."""
-        slot = None if p.cache is None else cache_slot(p.cache, self.layer_idx, StateSlot, StateSlot)
+        slot = None if p.cache is None else cache_slot(p.cache, self.layer_idx, StateSlot)
         o, state = kernel(*args, state=None if slot is None else slot.state, final=slot is not None,
                           kernels=self.kernels)
         if slot is not None:
-            slot.state, slot.seen = state, slot.seen + p.x.shape[1]
+            slot.write(state, p.x.shape[1])
         return F.rms_norm(o.to(p.x.dtype), (o.shape[-1],), self.norm.to(p.x.dtype), eps=1e-6)
 
 
@@ -406,22 +457,6 @@ class GatedDeltaNet(LinearAttention):
         return self.run(p, gdn, q, k, v, g, beta.to(q.dtype))  # fla wants beta in q's dtype
 
 
-class StateSlot(DynamicLayer):
-    """Cache slot of a linear-attention layer: its recurrent state (B, H, K, V) instead of keys and values. It
-    counts tokens, so HF's position and mask bookkeeping, which may ask any layer's slot, stays right."""
-    is_sliding = False
-
-    def __init__(self):
-        super().__init__()
-        self.state, self.seen = None, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-
 # The registry: its order fixes the columns of alpha. A new operator is one class with the constructor
 # (attn, cfg) and forward(LayerInput) -> (B, T, H, D), plus one line here (README: "Adding an operator").
 CANDIDATES = {"full": FullAttention, "swa": SlidingWindowAttention, "gla": GLA, "gdn": GatedDeltaNet}
@@ -449,7 +484,8 @@ class MixedAttention(nn.Module):
     """DARTS' MixedOp for attention, over frozen operators: sum_i w_i * op_i(x) with w = softmax(alpha_l / tau).
     No Gumbel noise: every operator runs (the search is deterministic and its gradient exact), and no weight
     step alternates with it, since the weights are frozen. Drop-in for the teacher's attention module: same
-    call, returns (output, None). With weights None it is the teacher (the 'full' operator alone)."""
+    call, returns (output, None). Two modes, set every step by set_weights(): the mixture (weights w_l), and the
+    teacher (weights None: the 'full' operator alone, the teacher's own attention)."""
 
     def __init__(self, attn: nn.Module, ops: dict[str, nn.Module]):
         super().__init__()
@@ -457,14 +493,14 @@ class MixedAttention(nn.Module):
         self.ops = nn.ModuleDict(ops)
         self.weights, self.active, self.grad = None, None, "exact"  # set by set_weights() every step
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
-        if past_key_values is not None and self.weights is not None and sum(self.active) > 1:
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, cache=None,
+                **kwargs):
+        cache = cache if cache is not None else past_key_values  # transformers 5.24 renamed the argument
+        if cache is not None and self.weights is not None:
             raise DashError("a mixture of operators cannot use a cache (they would share one layer's slot): "
                             "call it with use_cache=False, or build the hybrid to generate")
-        p = project(self.attn, hidden_states, position_embeddings, attention_mask, past_key_values)
-        if len(self.ops) == 1:  # a hybrid's layer
-            y = next(iter(self.ops.values()))(p)
-        elif self.weights is None:
+        p = project(self.attn, hidden_states, position_embeddings, attention_mask, cache)
+        if self.weights is None:
             y = self.ops["full"](p)
         else:  # two methods, so that torch.compile fuses the sum (a graph break in its loop would leave it eager)
             y = self.mix(self.outputs(p))
@@ -492,6 +528,22 @@ class MixedAttention(nn.Module):
                 y_i = y_i + (ys["full"] - ys["full"].detach())
             y = y + w[name] * y_i
         return y
+
+
+
+class HybridAttention(nn.Module):
+    """A finished hybrid's layer: one operator in place of the teacher's attention, on the teacher's projections.
+    Same call as the teacher's module; with a cache, the operator keeps its own slot (KVSlot or StateSlot)."""
+
+    def __init__(self, attn: nn.Module, op: nn.Module):
+        super().__init__()
+        self.attn, self.op = attn, op
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, cache=None,
+                **kwargs):
+        cache = cache if cache is not None else past_key_values  # transformers 5.24 renamed the argument
+        p = project(self.attn, hidden_states, position_embeddings, attention_mask, cache)
+        return self.attn.o_proj(self.op(p).flatten(2)), None
 
 # ----------------------------------------------------------------------------- model surgery
 
@@ -600,21 +652,61 @@ def load_candidates(ops: list[dict[str, nn.Module]], state: dict[str, torch.Tens
             load_op(op, state, f"layers.{l}.{name}.", where)
 
 
-def make_hybrid(model, layers: list[str], weights: dict[str, torch.Tensor], cfg: Config):
-    """The hybrid: layer l runs operator layers[l] alone ('full' keeps the teacher's attention module)."""
+def make_hybrid(model, layers: list[str], weights: dict[str, torch.Tensor], cfg: Config, check: bool = True):
+    """The hybrid: layer l runs operator layers[l] alone, with its prepared weights. Checked before it is returned:
+    generation with its caches must equal recomputation (check_generation)."""
     if len(layers) != len(model.model.layers):
         raise DashError(f"the architecture has {len(layers)} layers, the model {len(model.model.layers)}")
     restore_teacher(model)
     p = next(model.parameters())
     for l, (layer, name) in enumerate(zip(model.model.layers, layers)):
-        if name == "full":
-            continue
         if name not in CANDIDATES:
             raise DashError(f"unknown operator {name!r} in layer {l}; known operators: {', '.join(CANDIDATES)}")
         op = CANDIDATES[name](layer.self_attn, cfg).to(p.device)
         load_op(op, weights, f"layers.{l}.{name}.")
-        layer.self_attn = MixedAttention(layer.self_attn, {name: op}).requires_grad_(False)
+        layer.self_attn = HybridAttention(layer.self_attn, op).requires_grad_(False)
+    if check:
+        check_generation(model)
     return model
+
+
+def check_generation(model, new_tokens: int = 8, seed: int = 0):
+    """Guard against silent breakage: greedy generation with caches (what every evaluation runs) must give the
+    logits that recomputing the whole prefix gives. Two left-padded rows of random tokens, `new_tokens` steps:
+    milliseconds. Caches lean on transformers' cache API, which has changed between minor releases (5.24 renamed
+    the cache argument, and swa hybrids then generated garbage without a word); this makes such a change loud."""
+    import transformers
+    device = next(model.parameters()).device
+    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(seed)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # the second row is left-padded, as batched evaluation pads
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, pad_token_id=0)
+            cached = torch.stack(out.logits, 1).float()                           # (2, new_tokens, vocab)
+            mask = torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1]:])], 1)
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            ref = model(input_ids=out.sequences, attention_mask=mask, position_ids=pos,
+                        use_cache=False).logits[:, ids.shape[1] - 1:-1].float()   # the same positions, no cache
+        err = ((cached - ref).abs().mean() / (ref - ref.mean(-1, keepdim=True)).abs().mean()).item()
+        problem = f"relative error {err:.3g}"
+    except Exception as e:  # a changed cache API may as well fail deep inside transformers: say the same thing
+        err, problem = math.inf, f"{type(e).__name__}: {str(e)[:200]}"
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.05  # bf16 kernels: prefill vs decode
+    if not err <= tol:
+        raise DashError(f"this hybrid generates with its caches other logits than it computes without them "
+                        f"({problem}; tolerance {tol}) under transformers {transformers.__version__}: its cache "
+                        f"API changed. Install a tested version: pip install '{tested('transformers')}'")
+
+
+def tested(package: str) -> str:
+    """The version range of a package that this project was tested with, as requirements.txt states it."""
+    for line in (HERE / "requirements.txt").read_text().splitlines():
+        if re.match(rf"{package}\b", line):
+            return line.split("#")[0].strip()
+    return package
 
 # ----------------------------------------------------------------------------- data
 

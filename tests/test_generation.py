@@ -59,3 +59,27 @@ def test_hybrid_cache_keeps_a_window_and_a_state(tiny_dir, prepared):
     assert swa.keys.shape[-2] == 5 - 1  # the window, less the token that comes next
     assert gla.state.shape == gdn.state.shape == (1, 4, 16, 16) and gla.keys is None
     assert cache.get_seq_length() == ids.shape[1]
+
+
+def test_generation_check_stops_a_hybrid_whose_cache_is_broken(tiny_dir, prepared, monkeypatch):
+    """make_hybrid() checks cached generation against recomputation; a slot that forgets what it kept (as HF's
+    sliding-window slot, seen through transformers 5.24's renamed argument, did) is stopped with the version to
+    install, not scored."""
+    model, _ = dash.load_model(str(tiny_dir))
+    layers = ["gla", "full", "swa", "gdn"]
+    dash.make_hybrid(model, layers, prepared, dash.Config(window=5, kernels="torch"))  # a sound one passes
+
+    append = dash.KVSlot.append
+
+    def forgetful(self, k, v):  # a window that keeps nothing: every step sees only its own tokens, silently
+        if self.keep is not None:
+            self.keys = self.values = None
+        return append(self, k, v)
+    monkeypatch.setattr(dash.KVSlot, "append", forgetful)
+    import transformers
+    with pytest.raises(dash.DashError, match=f"relative error.*transformers {transformers.__version__}.*"
+                                             f"pip install 'transformers>="):
+        dash.make_hybrid(model, layers, prepared, dash.Config(window=5, kernels="torch"))
+    monkeypatch.setattr(dash.KVSlot, "append", lambda self, k, v: (k, v))  # ... or one that fails loudly inside HF
+    with pytest.raises(dash.DashError, match="RuntimeError.*pip install"):
+        dash.make_hybrid(model, layers, prepared, dash.Config(window=5, kernels="torch"))
