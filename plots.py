@@ -163,8 +163,8 @@ def ruler_figure(results: dict[str, dict], path, speed: dict | None = None, titl
     for r, row in enumerate(scores):
         for c, v in enumerate(row):
             if v == v:  # not NaN
-                ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=8,
-                        color="black" if v > 60 else "white")
+                text = f"{v:.0f}" if v == round(v) else f"{v:.1f}"  # 72.5 stays 72.5, as in results.md
+                ax.text(c, r, text, ha="center", va="center", fontsize=8, color="black" if v > 60 else "white")
     ax.axvline(len(cols) - sum(k.startswith("avg") for k in cols) - 0.5, color="white", lw=3)
     ax.set_xticks(range(len(cols)), labels, rotation=35, ha="right", fontsize=8)
     ax.set_yticks(range(len(models)), models, fontsize=9)
@@ -313,7 +313,8 @@ def main(argv=None) -> None:
         if what == "placements":
             p.add_argument("--dash", type=layer_list, help="DASH's full-attention layers, e.g. 4,6")
             p.add_argument("--polished", type=layer_list, help="the polished pick's layers")
-            p.add_argument("--title", default="")
+        if what in ("placements", "ruler"):
+            p.add_argument("--title", default="", help="instead of the default title")
     args = ap.parse_args(argv)
     src = Path(args.json)
     try:
@@ -324,7 +325,7 @@ def main(argv=None) -> None:
             made = search_figure(data.get("history", []), data["candidates"], data["full_layers"], out,
                                  data.get("polished_full_layers"))
         elif args.what == "ruler":
-            made = ruler_figure(data["results"], out, data.get("speed"))
+            made = ruler_figure(data["results"], out, data.get("speed"), args.title)
         elif args.what == "placements":
             made = placement_figure(data, out, args.dash, args.polished, args.title)
         else:
