@@ -27,7 +27,8 @@ def matplotlib_or_none():
     global _noted
     try:
         import matplotlib
-        matplotlib.use("Agg")
+        if "matplotlib.pyplot" not in sys.modules:  # a session that chose its backend (a notebook) keeps it
+            matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         if not _noted:
@@ -66,8 +67,8 @@ def search_figure(history: list[dict], names: list[str], chosen_layers: list[int
     if plt is None:
         return None
     if not history or any("probs" not in r for r in history):
-        raise ValueError("search_figure: every history record needs 'probs' (layers x operators); "
-                         "this history was recorded without them")
+        raise ValueError("search_figure: needs a history with the operator probabilities of every step "
+                         "('probs', layers x operators, in each record)")
     if "full" not in names:
         raise ValueError(f"search_figure: no 'full' among the operators {names}")
     steps = [r["step"] for r in history]
@@ -145,6 +146,8 @@ def ruler_figure(results: dict[str, dict], path, speed: dict | None = None, titl
     if plt is None:
         return None
     models = list(results)
+    if not models:
+        raise ValueError("ruler_figure: no models in the results")
     keys = [k for k, v in results[models[0]].items() if isinstance(v, (int, float))]
     cols = [k for k in keys if not k.startswith("avg")] + [k for k in keys if k.startswith("avg")]
     lengths = {k.split("@")[1] for k in cols if "@" in k and not k.startswith("avg")}
@@ -180,7 +183,7 @@ def ruler_figure(results: dict[str, dict], path, speed: dict | None = None, titl
     if any(isinstance(results[m].get("layers"), str) for m in models):
         ax.text(len(cols) - 0.3, -0.6, "layers", va="bottom", fontsize=8)
     ax.set_title(title or "RULER: score per task" + (f" at {lengths.pop()} tokens" if len(lengths) == 1 else "")
-                 + " (layers: F full attention, S window, ...)", fontsize=10)
+                 + " (layers: F full attention, S window, G gla, D gdn)", fontsize=10)
 
     by_model: dict[str, dict[int, dict]] = {}
     for key, row in speed.items():
@@ -256,12 +259,14 @@ def placement_figure(study: dict, path, dash_pick=None, polished_pick=None, titl
         ax.set_xlabel("full-attention layers, best placement first")
     else:
         ax.set_xlabel("placements, best first")
-    for j, ((p, c, who), rank) in enumerate(zip(picks, ranks)):
-        x = order.index(tuple(sorted(p)))
-        same = j == 1 and tuple(sorted(p)) == tuple(sorted(picks[0][0]))
-        text = f"{who} {sorted(p)}" + ("" if same else f": {placed[tuple(sorted(p))]:.1f}, {_ordinal(rank)} of {n}")
-        # labels in the empty right half (scores fall from left to right), an arrow to the bar
-        ax.annotate(text, (x, placed[tuple(sorted(p))]), xytext=(0.45, 0.86 - 0.12 * j), textcoords="axes fraction",
+    xs = [order.index(tuple(sorted(p))) for p, _, _ in picks]
+    for j, ((p, c, who), rank, x) in enumerate(zip(picks, ranks, xs)):
+        same = j == 1 and xs[0] == xs[1]
+        text = f"{who} {sorted(p)}: " + ("the same" if same else f"{placed[order[x]]:.1f}, {_ordinal(rank)} of {n}")
+        # labels in the empty right half (scores fall from left to right), an arrow to the bar; the pick further
+        # left gets the upper label, so that the arrows never cross
+        slot = sorted(xs).index(x) if not same else 1
+        ax.annotate(text, (x, placed[order[x]]), xytext=(0.45, 0.86 - 0.12 * slot), textcoords="axes fraction",
                     color=c, fontsize=9, fontweight="bold", arrowprops=dict(arrowstyle="->", color=c, lw=1.2))
     ax.set(ylabel="score (%)", ylim=(0, max(100.0, s.get("teacher", 0)) * 1.08), xlim=(-0.7, n - 0.3))
     ax.set_title(title or f"Every placement of K={s.get('k', '?')} full-attention layers, the others "
@@ -287,7 +292,8 @@ def scaling_figure(rows: list[dict], path) -> str | None:
     for g, t, i in zip(gpus, tps, ideal):  # scaling efficiency beside each point
         ax.annotate(f"{t / i:.0%}", (g, t), xytext=(4, -12), textcoords="offset points", fontsize=8)
     ax.set_xticks(gpus)
-    ax.set(xlabel="GPUs", ylabel="tokens/s", title="Search throughput against GPUs", ylim=(0, max(ideal) * 1.1))
+    ax.set(xlabel="GPUs", ylabel="tokens/s", title="Search throughput against GPUs",
+           ylim=(0, max(ideal + tps) * 1.1))
     ax.legend()
     return _save(fig, path)
 
