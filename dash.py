@@ -18,6 +18,7 @@ search loop, export, main.
 """
 import argparse
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -47,53 +48,64 @@ class DashError(Exception):
 # ----------------------------------------------------------------------------- config
 
 
-def opt(default, help):
+def flag(default, help):
+    """A config field, and so a command-line flag (--name-with-dashes) with this help."""
     return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Config:
-    model: str = opt(str(SMALL_MODEL), "HF model id or local directory of a causal LM (Qwen2/Llama-style attention)")
-    candidates: str = opt("full,swa,gla,gdn", "operators to search over, comma-separated; 'full' must be one")
-    k: int | None = opt(None, "full-attention layers to keep (default: one in seven layers, at least 2)")
-    threshold: float | None = opt(None, "export full attention where p(full) > threshold instead of the top K")
-    tokens: int | None = opt(None, "search tokens (default: 12.3M as in the paper; 131k for the small model)")
-    seq_len: int | None = opt(None, "tokens per sequence (default: 2048; 1024 for the small model)")
-    batch_size: int | None = opt(None, "sequences per step (default: 4)")
-    micro_batch: int | None = opt(None, "sequences per pass: a step sums its gradient over passes of this many, "
+    model: str = flag(str(SMALL_MODEL), "HF model id or local directory of a causal LM (Qwen2/Llama-style attention)")
+    candidates: str = flag("full,swa,gla,gdn", "operators to search over, comma-separated; 'full' must be one")
+    k: int | None = flag(None, "full-attention layers to keep (default: one in seven layers, at least 2)")
+    threshold: float | None = flag(None, "export full attention where p(full) > threshold instead of the top K")
+    tokens: int | None = flag(None, "search tokens (default: 12.3M as in the paper; 131k for the small model)")
+    seq_len: int | None = flag(None, "tokens per sequence (default: 2048; 1024 for the small model)")
+    batch_size: int | None = flag(None, "sequences per step (default: 4)")
+    micro_batch: int | None = flag(None, "sequences per pass: a step sums its gradient over passes of this many, "
                                         "keeping activations for these only: less memory, more kernel launches "
                                         "(default: the whole batch)")
-    lr: float | None = opt(None, "Adam learning rate of the logits (default: 0.01; 0.1 for the small model's few steps)")
-    tau_start: float = opt(1.0, "softmax temperature at the first step ...")
-    tau_end: float = opt(0.1, "... annealed exponentially to this at the last: late choices become decisive")
-    budget: float = opt(1.0, "weight of the budget term that drives the expected number of full layers to K")
-    cost: float = opt(0.0, "weight of the compute-cost term (operator cost at --cost-len, relative to full)")
-    cost_len: int = opt(32768, "context length at which operator costs are compared")
-    entropy: float = opt(0.05, "weight of the entropy term, ramped up over the search: decisive choices at the end")
-    continuity: float = opt(0.0, "weight of the continuity term: adjacent layers prefer the same operator")
-    skip_below: float = opt(1e-3, "skip an operator in a layer while its weight is below this (saves compute)")
-    grad: str = opt("exact", "exact: backpropagate through every operator; teacher: through the teacher's "
+    lr: float | None = flag(None, "Adam learning rate of the logits (default: 0.01; 0.1 for the small model's few steps)")
+    tau_start: float = flag(1.0, "softmax temperature at the first step ...")
+    tau_end: float = flag(0.1, "... annealed exponentially to this at the last: late choices become decisive")
+    budget: float = flag(1.0, "weight of the budget term that drives the expected number of full layers to K")
+    cost: float = flag(0.0, "weight of the compute-cost term (operator cost at --cost-len, relative to full)")
+    cost_len: int = flag(32768, "context length at which operator costs are compared")
+    entropy: float = flag(0.05, "weight of the entropy term, ramped up over the search: decisive choices at the end")
+    continuity: float = flag(0.0, "weight of the continuity term: adjacent layers prefer the same operator")
+    skip_below: float = flag(1e-3, "prune: an operator whose probability in a layer falls below this leaves that "
+                                   "layer's search for good (saves compute; 0: never)")
+    grad: str = flag("exact", "exact: backpropagate through every operator; teacher: through the teacher's "
                              "attention only (straight-through; cheap operators run forward only: faster, less memory)")
-    window: int | None = opt(None, "sliding-window size of 'swa' (default: 512; 64 for the small model)")
-    data: str | None = opt(None, "text: .txt/.jsonl/.jsonl.gz files or folders, or hub:owner/name/path (default: "
+    window: int | None = flag(None, "sliding-window size of 'swa' (default: 512; 64 for the small model)")
+    data: str | None = flag(None, "text: .txt/.jsonl/.jsonl.gz files or folders, or hub:owner/name/path (default: "
                                  "the model folder's search_data.jsonl.gz if it has one, else a C4 shard)")
-    seed: int = opt(0, "seed of data order and initialisation")
-    out: str = opt("out", "folder for the architecture JSON")
-    device: str = opt("auto", "cuda, cpu or auto")
-    dtype: str = opt("auto", "bfloat16, float32 or auto (bfloat16 on CUDA, float32 on CPU)")
-    kernels: str = opt("auto", "fla (CUDA only), torch, or auto (fla on CUDA)")
-    cache: str | None = opt(None, "candidate weights (.safetensors); default: candidates/<model>-<fingerprint>")
-    prepare: bool = opt(True, "prepare missing candidate weights (--no-prepare: fail instead)")
-    prep_tokens: int | None = opt(None, "tokens to align candidates on, if they must be prepared")
-    compile: bool | None = opt(None, "torch.compile the decoder layers for the search (default: on with CUDA)")
-    kl_chunk: int = opt(1024, "tokens per chunk of the KL: full-vocabulary fp32 logits exist for one chunk only")
-    log_every: int = opt(25, "steps between views of the operator probabilities")
-    check_samples: int = opt(10, "samples per task of the retrieval check after the search (0: skip)")
+    seed: int = flag(0, "seed of the search's data order (its sequences, shuffled)")
+    out: str = flag("out", "folder for the architecture JSON")
+    device: str = flag("auto", "cuda, cpu or auto")
+    dtype: str = flag("auto", "bfloat16, float32 or auto (bfloat16 on CUDA, float32 on CPU)")
+    kernels: str = flag("auto", "fla (CUDA only), torch, or auto (fla on CUDA)")
+    cache: str | None = flag(None, "candidate weights (.safetensors); default: candidates/<model>-<fingerprint>")
+    prepare: bool = flag(True, "prepare missing candidate weights (--no-prepare: fail instead)")
+    prep_tokens: int | None = flag(None, "tokens to align candidates on, if they must be prepared (default: 8.4M; "
+                                         "131k for the small model)")
+    prep_lr: float = flag(3e-3, "AdamW peak learning rate of the alignment (cosine decay, 5% warm-up)")
+    prep_seed: int = flag(0, "seed of the alignment's data order and of the candidates' initialisation")
+    held_out: int = flag(2, "batches of held-out text (before the preparation's and the search's tokens): the "
+                            "alignment report and the polish are scored on them")
+    polish: int = flag(3, "moves of the discrete polish after the top-K export: move one full-attention layer "
+                          "where it lowers the held-out KL most (0: off)")
+    checkpoint_every: int = flag(50, "steps between checkpoints of the search and of the alignment")
+    resume: bool = flag(False, "continue the search from its checkpoint in --out")
+    compile: bool | None = flag(None, "torch.compile the decoder layers for the search (default: on with CUDA)")
+    kl_chunk: int = flag(1024, "tokens per chunk of the KL: full-vocabulary fp32 logits exist for one chunk only")
+    log_every: int = flag(25, "steps between views of the operator probabilities")
+    check_samples: int = flag(10, "samples per task of the retrieval check after the search (0: skip)")
 
 
 # Defaults that depend on the model: the paper's for real models, CPU-minutes for the shipped small one.
-PAPER = dict(tokens=12_300_000, seq_len=2048, batch_size=4, lr=0.01, window=512, data=C4_SHARD)
-SMALL = dict(tokens=131_072, seq_len=1024, batch_size=4, lr=0.1, window=64,
+PAPER = dict(tokens=12_300_000, prep_tokens=8_388_608, seq_len=2048, batch_size=4, lr=0.01, window=512, data=C4_SHARD)
+SMALL = dict(tokens=131_072, prep_tokens=131_072, seq_len=1024, batch_size=4, lr=0.1, window=64,
              data=str(SMALL_MODEL / "search_data.jsonl.gz"))
 
 
@@ -116,6 +128,13 @@ def resolve(cfg: Config, n_layers: int) -> Config:
         raise DashError(f"--grad {cfg.grad!r}: choose exact or teacher")
     if cfg.threshold is not None and not 0 < cfg.threshold < 1:
         raise DashError(f"--threshold {cfg.threshold} must be a probability in (0, 1)")
+    n_ops = len(cfg.candidates.split(","))
+    if not 0 <= cfg.skip_below < 1 / n_ops:
+        raise DashError(f"--skip-below {cfg.skip_below} must be below 1/{n_ops} (the uniform start), or every "
+                        f"operator of a layer would be pruned at once")
+    for name in ("tokens", "prep_tokens", "held_out", "checkpoint_every"):
+        if getattr(cfg, name) < 1:
+            raise DashError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least 1")
     return cfg
 
 # ----------------------------------------------------------------------------- candidate operators
@@ -480,55 +499,74 @@ def op_cost(name: str, D: int, window: int, T: int) -> float:
 # ----------------------------------------------------------------------------- mixed layer
 
 
+class WeightedSum(torch.autograd.Function):
+    """y = sum_i w_i y_i: operator outputs ys (each (B, T, H, D), the model's dtype), probabilities w (n,), fp32.
+    The sum is taken in fp32, and so is the probabilities' gradient dL/dw_i = <dL/dy, y_i>: the softmax's backward takes
+    differences of these nearly equal numbers, which bf16's 0.4% steps would swamp. Saves the ys as they are."""
+
+    @staticmethod
+    def forward(ctx, w, *ys):
+        ctx.save_for_backward(w, *ys)
+        return sum(w_i * y_i.float() for w_i, y_i in zip(w, ys)).to(ys[0].dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        w, *ys = ctx.saved_tensors
+        g32 = g.float()
+        dw = torch.stack([(g32 * y_i.float()).sum() for y_i in ys]) if ctx.needs_input_grad[0] else None
+        return (dw, *((w_i * g32).to(g.dtype) if need else None for w_i, need in zip(w, ctx.needs_input_grad[1:])))
+
+
 class MixedAttention(nn.Module):
     """DARTS' MixedOp for attention, over frozen operators: sum_i w_i * op_i(x) with w = softmax(alpha_l / tau).
     No Gumbel noise: every operator runs (the search is deterministic and its gradient exact), and no weight
     step alternates with it, since the weights are frozen. Drop-in for the teacher's attention module: same
-    call, returns (output, None). Two modes, set every step by set_weights(): the mixture (weights w_l), and the
-    teacher (weights None: the 'full' operator alone, the teacher's own attention)."""
+    call, returns (output, None). Two modes, set every step by set_probs(): the mixture (probabilities w_l of the
+    operators still in the search, `active`), and the teacher (probs None: the 'full' operator alone)."""
 
     def __init__(self, attn: nn.Module, ops: dict[str, nn.Module]):
         super().__init__()
         self.attn = attn
         self.ops = nn.ModuleDict(ops)
-        self.weights, self.active, self.grad = None, None, "exact"  # set by set_weights() every step
+        self.probs, self.active, self.grad = None, None, "exact"  # set by set_probs() every step
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, cache=None,
                 **kwargs):
         cache = cache if cache is not None else past_key_values  # transformers 5.24 renamed the argument
-        if cache is not None and self.weights is not None:
+        if cache is not None and self.probs is not None:
             raise DashError("a mixture of operators cannot use a cache (they would share one layer's slot): "
                             "call it with use_cache=False, or build the hybrid to generate")
         p = project(self.attn, hidden_states, position_embeddings, attention_mask, cache)
-        if self.weights is None:
+        if self.probs is None:
             y = self.ops["full"](p)
         else:  # two methods, so that torch.compile fuses the sum (a graph break in its loop would leave it eager)
             y = self.mix(self.outputs(p))
         return self.attn.o_proj(y.flatten(2)), None
 
-    def outputs(self, p: LayerInput) -> dict[str, torch.Tensor]:
-        """The outputs of the active operators (and of 'full' with the straight-through gradient, which then runs
-        the cheap operators without autograd: forward only)."""
-        ys = {}
+    def straight_through(self) -> bool:
+        """--grad teacher, in a layer where the teacher's attention is still in the search."""
+        return self.grad == "teacher" and self.active[list(self.ops).index("full")]
+
+    def outputs(self, p: LayerInput) -> list[torch.Tensor]:
+        """The outputs of the operators still in the search, in registry order. Straight-through, the cheap ones
+        run without autograd (forward only)."""
+        st = self.straight_through()
+        ys = []
         for (name, op), on in zip(self.ops.items(), self.active):
-            if on or (name == "full" and self.grad == "teacher"):
-                with torch.set_grad_enabled(torch.is_grad_enabled() and (self.grad == "exact" or name == "full")):
-                    ys[name] = op(p)
+            if on:
+                with torch.set_grad_enabled(torch.is_grad_enabled() and (not st or name == "full")):
+                    ys.append(op(p))
         return ys
 
-    def mix(self, ys: dict[str, torch.Tensor]) -> torch.Tensor:
-        """sum_i w_i y_i. With the straight-through gradient a cheap operator's y_i takes the teacher's way back:
-        its value is y_i, its derivative that of the teacher's attention. The logits' gradient, y_i . dL/dy,
+    def mix(self, ys: list[torch.Tensor]) -> torch.Tensor:
+        """sum_i w_i y_i over the active operators. Straight-through, a cheap operator's y_i takes the teacher's way
+        back: its value is y_i, its derivative that of the teacher's attention. The logits' gradient, y_i . dL/dy,
         stays exact; earlier layers see the teacher's Jacobian."""
-        dtype = next(iter(ys.values())).dtype
-        w = dict(zip(self.ops, self.weights.to(dtype).unbind()))
-        y = 0
-        for name, y_i in ys.items():
-            if self.grad == "teacher" and name != "full":
-                y_i = y_i + (ys["full"] - ys["full"].detach())
-            y = y + w[name] * y_i
-        return y
-
+        names = [n for n, on in zip(self.ops, self.active) if on]
+        if self.straight_through():
+            y_full = ys[names.index("full")]
+            ys = [y_i if n == "full" else y_i + (y_full - y_full.detach()) for n, y_i in zip(names, ys)]
+        return WeightedSum.apply(self.probs[[i for i, on in enumerate(self.active) if on]], *ys)
 
 
 class HybridAttention(nn.Module):
@@ -625,19 +663,19 @@ def restore_teacher(model):
     return model
 
 
-def set_weights(model, w: torch.Tensor | None, skip_below: float = 0.0, grad: str = "exact", active=None):
-    """Give layer l the operator weights w[l] ((L, n_ops); None: the teacher). One host copy per step decides
-    which operators run (w > skip_below; `active` if already made), instead of a sync per operator and layer."""
+def set_probs(model, w: torch.Tensor | None, active: list | None = None, grad: str = "exact"):
+    """Give layer l the operator probabilities w[l] ((L, n_ops), fp32; None: the teacher) and the operators still in
+    its search, active[l] (default: those with w > 0; a host-side list, so no sync per operator and layer)."""
     if w is not None and active is None:
-        active = (w.detach() > skip_below).tolist()
+        active = (w.detach() > 0).tolist()
     for l, layer in enumerate(model.model.layers):
-        layer.self_attn.weights = None if w is None else w[l]
+        layer.self_attn.probs = None if w is None else w[l]
         layer.self_attn.active = None if w is None else active[l]
         layer.self_attn.grad = grad
 
 
-def load_op(op: nn.Module, state: dict[str, torch.Tensor], prefix: str, where: str = "the candidate cache"):
-    """Load prepared weights (keys '<prefix><param>', prefix 'layers.<l>.<op>.') into one operator."""
+def load_op(op: nn.Module, state: dict[str, torch.Tensor], prefix: str, where: str = "the candidate file"):
+    """Load prepared parameters (keys '<prefix><param>', prefix 'layers.<l>.<op>.') into one operator."""
     for pname, param in op.named_parameters():
         if prefix + pname not in state:
             raise DashError(f"{where} has no weights for {prefix + pname}: prepare the candidates for this model "
@@ -652,7 +690,7 @@ def load_candidates(ops: list[dict[str, nn.Module]], state: dict[str, torch.Tens
             load_op(op, state, f"layers.{l}.{name}.", where)
 
 
-def make_hybrid(model, layers: list[str], weights: dict[str, torch.Tensor], cfg: Config, check: bool = True):
+def make_hybrid(model, layers: list[str], state: dict[str, torch.Tensor], cfg: Config, check: bool = True):
     """The hybrid: layer l runs operator layers[l] alone, with its prepared weights. Checked before it is returned:
     generation with its caches must equal recomputation (check_generation)."""
     if len(layers) != len(model.model.layers):
@@ -663,7 +701,7 @@ def make_hybrid(model, layers: list[str], weights: dict[str, torch.Tensor], cfg:
         if name not in CANDIDATES:
             raise DashError(f"unknown operator {name!r} in layer {l}; known operators: {', '.join(CANDIDATES)}")
         op = CANDIDATES[name](layer.self_attn, cfg).to(p.device)
-        load_op(op, weights, f"layers.{l}.{name}.")
+        load_op(op, state, f"layers.{l}.{name}.")
         layer.self_attn = HybridAttention(layer.self_attn, op).requires_grad_(False)
     if check:
         check_generation(model)
@@ -709,6 +747,12 @@ def tested(package: str) -> str:
     return package
 
 # ----------------------------------------------------------------------------- data
+# One stream of text (documents joined by EOS), cut into three disjoint ranges, so that nothing is fitted and
+# scored on the same tokens:
+#   [0, H)            held out: the alignment report, the discrete polish, the placement checks
+#   [H, H + P)        preparation: the candidates are aligned on these
+#   [H + P, H + P + S) the search: alpha trains on these
+# Each range is cut into sequences, whose order the seed shuffles.
 
 
 def read_texts(spec: str):
@@ -741,10 +785,9 @@ def read_texts(spec: str):
                         yield json.loads(line)["text"]
 
 
-def token_batches(tokenizer, spec: str, n: int, batch_size: int, seq_len: int) -> torch.Tensor:
-    """(n, batch_size, seq_len) token ids: documents tokenized, joined with EOS and cut into sequences."""
-    need, ids = n * batch_size * seq_len, []
-    eos = tokenizer.eos_token_id
+def token_stream(tokenizer, spec: str, need: int) -> torch.Tensor:
+    """The first `need` tokens of the documents, each followed by EOS: (need,) int64."""
+    ids, eos = [], tokenizer.eos_token_id
     with tqdm(total=need, desc="tokenizing", unit="tok", leave=False) as bar:
         for text in read_texts(spec):
             new = tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
@@ -753,8 +796,353 @@ def token_batches(tokenizer, spec: str, n: int, batch_size: int, seq_len: int) -
             if len(ids) >= need:
                 break
     if len(ids) < need:
-        raise DashError(f"--data {spec} has {len(ids):,} tokens; the run needs {need:,} (lower --tokens)")
-    return torch.tensor(ids[:need]).view(n, batch_size, seq_len)
+        raise DashError(f"--data {spec} has {len(ids):,} tokens; the run needs {need:,} (held out, preparation and "
+                        f"search together: lower --tokens or --prep-tokens, or give more text)")
+    return torch.tensor(ids[:need])
+
+
+def data_ranges(cfg: Config) -> dict[str, tuple[int, int]]:
+    """The token ranges [start, end) of the stream, each a whole number of batches (at least one)."""
+    per_batch = cfg.batch_size * cfg.seq_len
+    sizes = {"held_out": cfg.held_out, "prep": max(1, cfg.prep_tokens // per_batch),
+             "search": max(1, cfg.tokens // per_batch)}
+    ranges, start = {}, 0
+    for name, batches in sizes.items():
+        ranges[name] = (start, start + batches * per_batch)
+        start += batches * per_batch
+    return ranges
+
+
+def batches_of(stream: torch.Tensor, span: tuple[int, int], cfg: Config, seed: int) -> torch.Tensor:
+    """Tokens [start, end) of the stream as (n, batch_size, seq_len): sequences in an order the seed shuffles."""
+    seqs = stream[span[0]:span[1]].view(-1, cfg.seq_len)
+    order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed))
+    return seqs[order].view(-1, cfg.batch_size, cfg.seq_len)
+
+
+def token_digest(t: torch.Tensor) -> str:
+    """The content of some token ids, as a short hash (ties results and caches to the text, not to a path)."""
+    return hashlib.sha256(t.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def data_record(batches: dict[str, torch.Tensor], cfg: Config, ranges: dict) -> dict:
+    """What a run's data is: the text, the seeds, and per range its tokens [start, end) and content digest."""
+    return dict(data=cfg.data, seed=cfg.seed, prep_seed=cfg.prep_seed, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                **{p: dict(tokens=list(ranges[p]), digest=token_digest(b)) for p, b in batches.items()})
+
+
+def load_data(tokenizer, cfg: Config, parts=("held_out", "prep", "search")) -> dict:
+    """The batches of each range (held_out, prep, search), and a record of what they are: the ranges, their
+    content digests and the seeds: preparation shuffles its range with --prep-seed, the search with --seed."""
+    ranges = data_ranges(cfg)
+    stream = token_stream(tokenizer, cfg.data, max(ranges[p][1] for p in parts))
+    data = {p: batches_of(stream, ranges[p], cfg, cfg.prep_seed if p == "prep" else cfg.seed) for p in parts}
+    return dict(data, record=data_record(data, cfg, ranges))
+
+# ----------------------------------------------------------------------------- candidate alignment and cache
+# Every cheap operator, in every layer, is trained once to copy that layer's attention output:
+#     nmse_l = |o_proj(op(x_l)) - attn_l(x_l)|^2 / |attn_l(x_l)|^2
+# (after o_proj, so errors count as the residual stream sees them). Only each operator's own small parameters
+# train; the teacher and its q/k/v/o projections stay frozen. All layers learn from one teacher pass per batch:
+# hooks keep each layer's attention input and output, then each layer's operators take a step in turn, so only one
+# layer's graph is alive at a time. The result is one safetensors file per fingerprint of everything that shapes
+# the weights; every load checks the fingerprint (read_candidates), and a mismatch says what differs.
+
+
+def capture(model, ids: torch.Tensor) -> list[tuple]:
+    """One teacher pass; per layer (attention input x, rope, attention output)."""
+    seen, hooks = [], []
+    for attn in teacher_attention(model):
+        hooks.append(attn.register_forward_hook(
+            lambda m, args, kwargs, out: seen.append((kwargs["hidden_states"], kwargs["position_embeddings"], out[0])),
+            with_kwargs=True))
+    try:
+        with torch.no_grad():
+            final_hidden(model, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def nmse(op, attn, x, rope, target) -> torch.Tensor:
+    """Normalised MSE of one operator against the teacher's attention output of its layer."""
+    with torch.no_grad():
+        p = project(attn, x, rope)  # the shared, frozen projections
+    y = attn.o_proj(op(p).flatten(2))
+    return (y.float() - target.float()).pow(2).mean() / target.float().pow(2).mean()
+
+
+def calibrate(model, ops, ids):
+    """Start each output norm at its least-squares scale against the teacher, so training starts below nmse 1:
+    a linear read-out has no softmax normaliser, and unit RMS per head can be far from the teacher's."""
+    attns = teacher_attention(model)
+    with torch.no_grad():
+        for l, (x, rope, target) in enumerate(capture(model, ids)):
+            for op in ops[l].values():
+                if isinstance(getattr(op, "norm", None), torch.nn.Parameter):
+                    y = attns[l].o_proj(op(project(attns[l], x, rope)).flatten(2)).float()
+                    op.norm.mul_(((y * target.float()).sum() / y.pow(2).sum()).clamp_min(1e-3))
+
+
+def alignment_loss(model, ops, batches) -> list[dict[str, float]]:
+    """Per layer and operator, the mean nmse over some batches."""
+    attns, total = teacher_attention(model), [{n: 0.0 for n in ops[0]} for _ in ops]
+    for ids in batches:
+        for l, (x, rope, target) in enumerate(capture(model, ids)):
+            with torch.no_grad():
+                for n, op in ops[l].items():
+                    total[l][n] += nmse(op, attns[l], x, rope, target).item() / len(batches)
+    return total
+
+
+def candidate_state(ops) -> dict[str, torch.Tensor]:
+    """The operators' parameters, keys 'layers.<l>.<op>.<param>', fp32 on the CPU."""
+    return {f"layers.{l}.{n}.{k}": p.detach().float().cpu().contiguous()
+            for l, layer in enumerate(ops) for n, op in layer.items() for k, p in op.named_parameters()}
+
+
+def save_atomic(obj, path: Path):
+    """torch.save to a temporary file, then rename: a run killed while writing leaves the old file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def align(model, names: list[str], cfg: Config, data: dict, path: Path, fp: dict) -> dict:
+    """Align every operator in every layer on data["prep"]; report the held-out nmse before and after; write the
+    weights (with their fingerprint) and the report beside them. Resumes from its checkpoint (<path>.partial.pt)."""
+    device = next(model.parameters()).device
+    restore_teacher(model)
+    torch.manual_seed(cfg.prep_seed)
+    ops = make_ops(model, names, cfg)
+    params = [p for layer in ops for op in layer.values() for p in op.parameters()]
+    train, held_out = data["prep"], data["held_out"].to(device)
+    steps = len(train)
+    print(f"aligning {', '.join(names)} in {len(ops)} layers: {sum(p.numel() for p in params):,} new parameters, "
+          f"{steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens; teacher and its projections frozen")
+    optimizer = torch.optim.AdamW(params, lr=cfg.prep_lr, weight_decay=0.0) if params else None
+    warm = max(1, steps // 20)  # 5% warm-up, then cosine decay
+    sched = optimizer and torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1, s / steps))))
+    partial, start, t0 = path.with_suffix(".partial.pt"), 0, time.time()
+    ck = torch.load(partial, map_location=device) if partial.exists() else None
+    if ck and ck["fingerprint"] == fp:  # resume an interrupted run: same data order, so skip what was done
+        load_candidates(ops, ck["state"], str(partial))
+        optimizer.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["sched"])
+        start, t0, before = ck["step"], time.time() - ck["elapsed"], ck["before"]
+        print(f"resuming from {partial} at step {start}")
+    else:
+        calibrate(model, ops, train[0].to(device))
+        before = alignment_loss(model, ops, held_out)
+    attns, curve, step_times = teacher_attention(model), [], []
+    for step in tqdm(range(start, steps), desc="align", unit="step", initial=start, total=steps):
+        losses = []
+        for l, (x, rope, target) in enumerate(capture(model, train[step].to(device))):
+            trainable = [op for op in ops[l].values() if has_parameters(op)]
+            if trainable:  # one layer's graph at a time: backward right away
+                loss = sum(nmse(op, attns[l], x, rope, target) for op in trainable)
+                loss.backward()
+                losses.append(loss.detach() / len(trainable))
+        if optimizer:
+            optimizer.step()
+            sched.step()
+            optimizer.zero_grad(set_to_none=True)
+        curve.append(torch.stack(losses).mean().item() if losses else 0.0)  # one host sync per step
+        step_times.append(round(time.time() - t0, 3))
+        if optimizer and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+            save_atomic(dict(fingerprint=fp, step=step + 1, elapsed=time.time() - t0, state=candidate_state(ops),
+                             optimizer=optimizer.state_dict(), sched=sched.state_dict(), before=before), partial)
+    after = alignment_loss(model, ops, held_out)
+    report = dict(fingerprint=fp, data=data["record"], wall_time_s=round(time.time() - t0, 1), device=str(device),
+                  curve=[round(c, 5) for c in curve], step_times=step_times,
+                  layers=[{n: dict(before=round(b[n], 5), after=round(a[n], 5)) for n in names}
+                          for b, a in zip(before, after)])
+    from safetensors.torch import save_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(candidate_state(ops), str(path), metadata={"fingerprint": json.dumps(fp)})
+    path.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    partial.unlink(missing_ok=True)
+    print(alignment_table(report))
+    print(f"wrote {path} and {path.with_suffix('.json')} ({steps * cfg.batch_size * cfg.seq_len:,} tokens, "
+          f"{report['wall_time_s']} s)")
+    return report
+
+
+def alignment_table(report: dict) -> str:
+    """The alignment report: held-out nmse per layer and operator (before -> after). Low = easy to replace."""
+    names = list(report["layers"][0])
+    rows = ["layer " + "".join(f"{n:>18}" for n in names)]
+    for l, layer in enumerate(report["layers"]):
+        rows.append(f"{l:>5} " + "".join(f"{layer[n]['before']:>8.4f} -> {layer[n]['after']:<6.4f}" for n in names))
+    return "\n".join(rows)
+
+
+def has_parameters(op: nn.Module) -> bool:
+    return any(True for _ in op.parameters())
+
+
+def definition_digest(cls: type) -> str:
+    """A hash of what defines an operator: the source of its class and its base classes, and of every function or
+    class of dash (or of the operator's own module) that their code uses, followed through what those use in turn
+    (GLA -> gla -> gla_chunked -> chunks ...). Editing any of them (GLA's gate floor, say) changes the digest, and
+    weights prepared before the edit are refused. A class without source (made by exec) counts by its bytecode."""
+    import inspect
+    mine = {__name__, cls.__module__} - {"builtins"}
+    todo, seen, parts = [cls], set(), []
+    while todo:
+        obj = inspect.unwrap(todo.pop())  # through @torch.compiler.disable
+        if obj in seen or (obj is not cls and getattr(obj, "__module__", None) not in mine):
+            continue
+        seen.add(obj)
+        try:
+            parts.append(inspect.getsource(obj))
+        except (OSError, TypeError):
+            parts.append(bytecode_text(obj))
+        todo += [ref for ref in used_globals(obj) if inspect.isfunction(ref) or inspect.isclass(ref)]
+        if inspect.isclass(obj):
+            todo += obj.__bases__
+    return hashlib.sha256("\n".join(sorted(parts)).encode()).hexdigest()[:16]
+
+
+def code_objects(obj) -> list:
+    """The code objects of a function, or of a class's methods, nested ones (comprehensions, lambdas) included."""
+    import inspect
+    import types
+    fns = [obj] if not inspect.isclass(obj) else [getattr(v, "__func__", v) for v in vars(obj).values()]
+    todo = [f.__code__ for f in fns if hasattr(f, "__code__")]
+    out = []
+    while todo:
+        c = todo.pop()
+        out.append(c)
+        todo += [x for x in c.co_consts if isinstance(x, types.CodeType)]
+    return out
+
+
+def used_globals(obj) -> list:
+    """What the code of a function or class reads as global names (and, through a module it reads, the attributes
+    it takes of it: dash.gla in a fork's operator)."""
+    import dis
+    import inspect
+    scope = getattr(obj, "__globals__", None) or vars(sys.modules[obj.__module__])
+    if inspect.isclass(obj):
+        fns = [getattr(v, "__func__", v) for v in vars(obj).values() if hasattr(getattr(v, "__func__", v), "__globals__")]
+        scope = fns[0].__globals__ if fns else scope
+    out = []
+    for c in code_objects(obj):
+        ins = list(dis.get_instructions(c))
+        for i, op in enumerate(ins):
+            if op.opname in ("LOAD_GLOBAL", "LOAD_NAME") and op.argval in scope:
+                ref = scope[op.argval]
+                out.append(ref)
+                if inspect.ismodule(ref) and i + 1 < len(ins) and ins[i + 1].opname in ("LOAD_ATTR", "LOAD_METHOD"):
+                    out.append(getattr(ref, ins[i + 1].argval, None))
+    return out
+
+
+def bytecode_text(obj) -> str:
+    """A class's or function's definition as text, from its bytecode (stable within one Python version)."""
+    return repr([(c.co_code, c.co_names, [repr(x) for x in c.co_consts if not hasattr(x, "co_code")])
+                 for c in code_objects(obj)]) + repr(sorted((k, repr(v)) for k, v in vars(obj).items()
+                                                            if not k.startswith("__") and not callable(v))) \
+        if isinstance(obj, type) else repr([c.co_code for c in code_objects(obj)])
+
+
+def model_digest(model) -> dict:
+    """The teacher by content: its config, and a hash of every weight (in bf16, so that fp32 and bf16 loads of one
+    checkpoint agree)."""
+    config = {k: v for k, v in model.config.to_dict().items()
+              if not k.startswith("_") and k not in ("dtype", "torch_dtype", "transformers_version", "architectures")}
+    h = hashlib.sha256()
+    for name, p in teacher_parameters(model):
+        h.update(name.encode())
+        h.update(p.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return dict(config=hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16],
+                weights=h.hexdigest()[:16])
+
+
+def teacher_parameters(model):
+    """The teacher's own parameters by their own names, also in a model whose attention dash has wrapped (the
+    wrapper keeps the teacher's module as .attn, and its operators as .ops or .op)."""
+    return [(n.replace("self_attn.attn.", "self_attn."), p) for n, p in model.named_parameters()
+            if "self_attn.ops." not in n and "self_attn.op." not in n]
+
+
+def operator_settings(names: list[str], cfg: Config) -> dict:
+    """Per operator: the digest of its definition, and its settings (the window of a windowed one)."""
+    return {n: dict(source=definition_digest(CANDIDATES[n]),
+                    **({"window": cfg.window} if n == "swa" else {})) for n in names}
+
+
+def fingerprint(model, names: list[str], cfg: Config, data: dict) -> dict:
+    """Everything that shapes prepared candidate weights: the teacher (config and weights, by content), the
+    operators (definitions and settings), the data actually used (by content), dtype and training settings."""
+    return dict(model=Path(cfg.model).name, **model_digest(model), operators=operator_settings(names, cfg),
+                dtype=str(next(model.parameters()).dtype), data=data["record"]["prep"], seq_len=cfg.seq_len,
+                batch_size=cfg.batch_size, lr=cfg.prep_lr, seed=cfg.prep_seed)
+
+
+def default_cache(fp: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:10]
+    return HERE / "candidates" / f"{re.sub(r'[^A-Za-z0-9._-]+', '-', fp['model'])}-{digest}.safetensors"
+
+
+def differences(theirs: dict, ours: dict, prefix: str = "") -> list[str]:
+    """The keys of `ours` whose values differ in `theirs`, nested keys joined by dots."""
+    out = []
+    for k, v in ours.items():
+        if isinstance(v, dict) and isinstance(theirs.get(k), dict):
+            out += differences(theirs[k], v, f"{prefix}{k}.")
+        elif theirs.get(k) != v:
+            out.append(f"{prefix}{k} ({theirs.get(k)} != {v})")
+    return out
+
+
+def read_candidates(path: str | Path, expect: dict) -> dict[str, torch.Tensor]:
+    """The one way to load prepared candidate weights: check that the file exists, is a candidate file, and was
+    made with everything `expect` holds (a fingerprint, or the part of one that the caller can compute), then
+    load it. Any difference is refused with what differs."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+    path = Path(path)
+    if not path.is_file():
+        raise DashError(f"candidate weights {path} not found: pass the file (--cache) or prepare it "
+                        f"(python prepare_candidates.py --model ...)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise DashError(f"{path} is not a readable candidate file ({e})")
+    if "fingerprint" not in meta:
+        raise DashError(f"{path} is not a candidate file (no fingerprint in its metadata)")
+    diff = differences(json.loads(meta["fingerprint"]), {k: v for k, v in expect.items() if k != "model"})
+    if diff:
+        raise DashError(f"{path} was prepared for something else: {'; '.join(diff)}. Prepare the candidates again "
+                        f"(python prepare_candidates.py, or dash.py does it), or pass the matching --cache")
+    return state
+
+
+def hybrid_expectation(model, names: list[str], cfg: Config) -> dict:
+    """What a built hybrid can check of its candidate file: the teacher and the operators' definitions."""
+    return dict(**model_digest(model), operators=operator_settings(names, cfg))
+
+
+def load_or_prepare(model, names: list[str], cfg: Config, data: dict) -> tuple[str, dict]:
+    """The candidate weights for these operators, read after checking their fingerprint, or prepared first if
+    there are none yet (unless --no-prepare). Returns (path, state)."""
+    names = [n for n in names if n != "full"]
+    fp = fingerprint(model, names, cfg, data)
+    path = Path(cfg.cache) if cfg.cache else default_cache(fp)
+    if not path.exists():
+        if not cfg.prepare:
+            raise DashError(f"no candidate weights at {path} and --no-prepare: run python prepare_candidates.py "
+                            f"--model {cfg.model} first, or drop --no-prepare")
+        print(f"no prepared candidates for this model, operator set and data: preparing {path.name}")
+        align(model, names, cfg, data, path, fp)
+    return str(path), read_candidates(path, fp)
 
 # ----------------------------------------------------------------------------- objective
 
@@ -833,19 +1221,19 @@ def heatmap(w: torch.Tensor, names: list[str]) -> str:
 
 
 def kl_and_grad(model, ids: torch.Tensor, w: torch.Tensor, active: list, cfg: Config, terms=kl_terms):
-    """The costly part of a search step: the teacher's pass, the mixture's pass with operator weights w (L, n_ops)
-    and the operators in `active`, the mean KL(teacher || mixture), and its gradient w.r.t. w by backpropagation
-    through every layer. Returns both, detached: the logits' side of the step (softmax, regularizers) is cheap.
-    With cfg.micro_batch, the batch goes through in parts and the parts' KLs and gradients add up (same result,
-    activations kept for one part only)."""
+    """The costly part of a search step: the teacher's pass, the mixture's pass with operator probabilities w
+    (L, n_ops, fp32) over the operators in `active`, the mean KL(teacher || mixture), and its gradient w.r.t. w by
+    backpropagation through every layer (fp32, see WeightedSum). Returns both, detached: the logits' side of the
+    step (softmax, regularizers) is cheap. With cfg.micro_batch, the batch goes through in parts and the parts'
+    KLs and gradients add up (same result, activations kept for one part only)."""
     parts = ids.split(cfg.micro_batch or len(ids))
     kl, dkl_dw = 0, 0
     for part in parts:
         with torch.no_grad():  # the teacher: same model, every layer its own full attention
-            set_weights(model, None)
+            set_probs(model, None)
             h_teacher = final_hidden(model, part)
-        w_part = w.detach().requires_grad_()
-        set_weights(model, w_part, grad=cfg.grad, active=active)
+        w_part = w.detach().float().requires_grad_()
+        set_probs(model, w_part, active, cfg.grad)
         kl_part = chunked_kl(final_hidden(model, part), h_teacher, model.get_output_embeddings(), cfg.kl_chunk,
                              terms) / len(parts)
         grad, = torch.autograd.grad(kl_part, w_part)
@@ -853,45 +1241,80 @@ def kl_and_grad(model, ids: torch.Tensor, w: torch.Tensor, active: list, cfg: Co
     return kl, dkl_dw
 
 
-def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: torch.Tensor | None = None) -> dict:
+def masked_softmax(alpha: torch.Tensor, alive: torch.Tensor, tau: float) -> torch.Tensor:
+    """softmax(alpha_l / tau) over the operators still in layer l's search; 0 (and no gradient) for the others."""
+    return F.softmax((alpha / tau).masked_fill(~alive, -math.inf), dim=-1)
+
+
+def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: torch.Tensor | None = None,
+           checkpoint: Path | None = None, run_key: str = "") -> dict:
     """Train only the architecture logits alpha (L, n_ops) to bring the mixture close to the teacher.
-    alpha0: the logits to start from (default zeros: the uniform mixture)."""
+    Pruning: once an operator's probability in a layer falls below --skip-below, it leaves that layer's search for
+    good (P-DARTS' search-space approximation): it stops running, its probability is exactly 0 and its logit never
+    changes again. So every operator that runs gets its exact gradient; a skipped one would otherwise get a made-up
+    dKL/dw = 0 that Adam turns into full-size steps. alpha0: the logits to start from (default zeros: uniform).
+    checkpoint: where to save the state every --checkpoint-every steps (and resume from, with --resume)."""
     L, steps = len(model.model.layers), len(batches)
     device = next(model.parameters()).device
     alpha = nn.Parameter(torch.zeros(L, len(names), device=device) if alpha0 is None else alpha0.clone().to(device))
-    opt = torch.optim.Adam([alpha], lr=cfg.lr, betas=(0.5, 0.999))   # DARTS' optimizer for architecture logits
+    alive = torch.ones(L, len(names), dtype=torch.bool, device=device)
+    optimizer = torch.optim.Adam([alpha], lr=cfg.lr, betas=(0.5, 0.999))   # DARTS' optimizer for the logits
     frozen = sum(p.numel() for p in model.parameters())
     print(f"trainable: alpha {tuple(alpha.shape)} = {alpha.numel()} logits; frozen: {frozen:,} weights")
     D = teacher_attention(model)[0].head_dim
     costs = torch.tensor([op_cost(n, D, cfg.window, cfg.cost_len) for n in names], device=device)
-    history, t0 = [], time.time()
+    history, start, elapsed = [], 0, 0.0
+    if checkpoint is not None and cfg.resume:
+        ck = torch.load(checkpoint, map_location=device)
+        if ck["run_key"] != run_key:
+            raise DashError(f"--resume: {checkpoint} was saved by a run with other settings, data or candidates; "
+                            f"drop --resume to start over")
+        with torch.no_grad():
+            alpha.copy_(ck["alpha"])
+        alive, history, start, elapsed = ck["alive"].to(device), ck["history"], ck["step"], ck["elapsed"]
+        optimizer.load_state_dict(ck["optimizer"])
+        print(f"resuming the search from {checkpoint} at step {start} of {steps}")
+    alive_host = alive.tolist()
+    t0 = time.time() - elapsed
     kl_fn = torch.compile(kl_terms, dynamic=False) if cfg.compile else kl_terms
-    bar = tqdm(range(steps), desc="search", unit="step")
+    bar = tqdm(range(start, steps), desc="search", unit="step", initial=start, total=steps)
     for step in bar:
         ids = batches[step].to(device)
         tau = tau_at(step, steps, cfg)
-        w = F.softmax(alpha / tau, dim=-1)
-        active = (w.detach() > cfg.skip_below).tolist()  # one host copy a step decides which operators run
-        kl, dkl_dw = kl_and_grad(model, ids, w, active, cfg, kl_fn)
+        w = masked_softmax(alpha, alive, tau)
+        keep = (alive & (w.detach() >= cfg.skip_below)).tolist()  # one host copy a step decides what runs
+        if keep != alive_host:  # some operators fell below the threshold: prune them, renormalise the rest
+            alive_host, alive = keep, torch.tensor(keep, device=device)
+            w = masked_softmax(alpha, alive, tau)
+        kl, dkl_dw = kl_and_grad(model, ids, w, alive_host, cfg, kl_fn)
         terms = regularizers(w, names, cfg, costs, step / max(1, steps - 1))
         loss = kl + sum(terms.values())
-        opt.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         (loss + (dkl_dw * w).sum()).backward()  # the KL's gradient enters through w; autograd does the softmax
-        opt.step()
+        before = alpha.detach().clone()
+        optimizer.step()
         with torch.no_grad():
-            w = F.softmax(alpha / tau, dim=-1)
-            values = torch.stack([loss, kl, w[:, names.index("full")].sum()]).tolist()  # one host sync a step
-            rec = dict(step=step, **dict(zip(("loss", "kl", "full"), values)), tau=tau, time=time.time() - t0)
+            alpha.copy_(torch.where(alive, alpha, before))  # a pruned logit gets no update (Adam's momentum would)
+            w = masked_softmax(alpha, alive, tau)
+            values = torch.cat([torch.stack([loss, kl, w[:, names.index("full")].sum()]), w.flatten()]).tolist()
+        rec = dict(step=step, **dict(zip(("loss", "kl", "full"), values[:3])), tau=tau, time=time.time() - t0,
+                   probs=[[round(p, 4) for p in values[3 + l * len(names):3 + (l + 1) * len(names)]]
+                          for l in range(L)])
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", full=f"{rec['full']:.2f}", tau=f"{tau:.2f}")
         if (step + 1) % cfg.log_every == 0 or step == steps - 1:
             tqdm.write(f"step {step + 1}/{steps}  kl {rec['kl']:.4f}  E[full] {rec['full']:.2f}  tau {tau:.3f}\n"
                        + heatmap(w.cpu(), names))
-    set_weights(model, None)
-    w = F.softmax(alpha.detach() / tau_at(steps - 1, steps, cfg), -1).cpu()
-    return dict(alpha=alpha.detach().cpu(), probs=w, history=history, wall_time_s=time.time() - t0)
+        if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+            save_atomic(dict(run_key=run_key, step=step + 1, alpha=alpha.detach().cpu(), alive=alive.cpu(),
+                             optimizer=optimizer.state_dict(), history=history, elapsed=time.time() - t0),
+                        checkpoint)
+    set_probs(model, None)
+    w = masked_softmax(alpha.detach(), alive, tau_at(steps - 1, steps, cfg)).cpu()
+    return dict(alpha=alpha.detach().cpu(), probs=w, alive=alive.cpu(), history=history,
+                wall_time_s=time.time() - t0)
 
-# ----------------------------------------------------------------------------- export
+# ----------------------------------------------------------------------------- export and polish
 
 
 def choose_layers(probs: torch.Tensor, names: list[str], k: int | None = None, threshold: float | None = None):
@@ -900,47 +1323,143 @@ def choose_layers(probs: torch.Tensor, names: list[str], k: int | None = None, t
     full = names.index("full")
     if threshold is not None:
         keep = set(torch.nonzero(probs[:, full] > threshold).flatten().tolist())
+        if not keep:
+            raise DashError(f"--threshold {threshold}: no layer has p(full) above it (the highest is "
+                            f"{probs[:, full].max():.3f}); lower it, or export the top K with --k")
     else:
         keep = set(torch.topk(probs[:, full], k).indices.tolist())
-    others = probs.clone()
-    others[:, full] = -1
-    return ["full" if l in keep else names[int(others[l].argmax())] for l in range(len(probs))]
+    return ["full" if l in keep else cheapest_other(probs[l], names) for l in range(len(probs))]
 
 
-def export(result: dict, names: list[str], cfg: Config, tokens: int, cache: str) -> dict:
-    layers = choose_layers(result["probs"], names, cfg.k, cfg.threshold)
+def cheapest_other(p: torch.Tensor, names: list[str]) -> str:
+    """A layer's most probable operator other than full attention."""
+    others = p.clone()
+    others[names.index("full")] = -1
+    return names[int(others.argmax())]
+
+
+def placement_kl(model, placements: list[list[str]], names: list[str], held_out: torch.Tensor, cfg: Config,
+                 desc: str = "placements") -> list[float]:
+    """Exact KL(teacher || hybrid) on held-out batches (n, B, T), for each placement (an operator per layer): the
+    mixture with one-hot probabilities is that hybrid. Forward passes only; the teacher's pass once per batch."""
+    device = next(model.parameters()).device
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        set_probs(model, None)
+        teacher = [final_hidden(model, ids.to(device)) for ids in held_out]
+        out = []
+        for layers in tqdm(placements, desc=desc, leave=False):
+            w = torch.tensor([[float(n == op) for op in names] for n in layers], device=device)
+            set_probs(model, w)
+            out.append(sum(chunked_kl(final_hidden(model, ids.to(device)), h, head, cfg.kl_chunk).item()
+                           for ids, h in zip(held_out, teacher)) / len(held_out))
+    set_probs(model, None)
+    return out
+
+
+def polish(model, probs: torch.Tensor, names: list[str], layers: list[str], held_out: torch.Tensor,
+           cfg: Config) -> dict:
+    """Beyond the paper: a discrete polish of the exported placement. Its neighbours move one full-attention layer
+    elsewhere (K (L - K) of them; a layer that gives up full attention takes its most probable cheap operator);
+    take the best move while it lowers the held-out KL, --polish moves at most."""
+    cheap = [cheapest_other(p, names) for p in probs]
+    arch_of = lambda full: ["full" if l in full else cheap[l] for l in range(len(cheap))]  # noqa: E731
+    full = frozenset(l for l, n in enumerate(layers) if n == "full")
+    kl_start = kl = placement_kl(model, [layers], names, held_out, cfg, "polish")[0]
+    moves, scored, t0 = [], 1, time.time()
+    for move in range(cfg.polish):
+        neighbours = [full - {a} | {b} for a in sorted(full) for b in range(len(cheap)) if b not in full]
+        kls = placement_kl(model, [arch_of(n) for n in neighbours], names, held_out, cfg, f"polish move {move + 1}")
+        scored += len(kls)
+        best = min(range(len(kls)), key=kls.__getitem__)
+        if kls[best] >= kl:
+            break
+        moves.append(dict(drop=sorted(full - neighbours[best])[0], add=sorted(neighbours[best] - full)[0],
+                          kl=round(kls[best], 6)))
+        full, kl = neighbours[best], kls[best]
+        print(f"polish: full attention moves from layer {moves[-1]['drop']} to {moves[-1]['add']}: held-out KL "
+              f"{kl:.5f}")
+    layers = arch_of(full) if moves else layers
+    return dict(layers=layers, full_layers=sorted(full), kl=round(kl, 6), kl_relaxed=round(kl_start, 6),
+                moves=moves, placements_scored=scored, wall_time_s=round(time.time() - t0, 1))
+
+
+def export(result: dict, names: list[str], cfg: Config, cache: str, data: dict, polished: dict | None) -> dict:
+    """The architecture JSON: the layers, the relaxed top-K pick and the polished one, the probabilities and
+    logits behind them, and everything that produced it (config, data ranges and digests, candidate file)."""
+    relaxed = choose_layers(result["probs"], names, cfg.k, cfg.threshold)
+    layers = polished["layers"] if polished else relaxed
     return dict(model=cfg.model, candidates=names, k=cfg.k, threshold=cfg.threshold,
                 mode="threshold" if cfg.threshold is not None else "top-k", layers=layers,
                 full_layers=[l for l, n in enumerate(layers) if n == "full"],
-                probabilities=[[round(float(p), 5) for p in row] for row in result["probs"]],
+                relaxed=dict(layers=relaxed, full_layers=[l for l, n in enumerate(relaxed) if n == "full"],
+                             kl=polished and polished["kl_relaxed"]),
+                polished=polished, probabilities=[[round(float(p), 5) for p in row] for row in result["probs"]],
                 alpha=[[round(float(a), 5) for a in row] for row in result["alpha"]],
-                tokens=tokens, wall_time_s=round(result["wall_time_s"], 1), seed=cfg.seed,
-                candidate_cache=cache, config=asdict(cfg),
-                kl_first=result["history"][0]["kl"], kl_last=result["history"][-1]["kl"])
+                pruned=[[n for n, on in zip(names, row) if not on] for row in result["alive"].tolist()],
+                tokens=int(data["search"].numel()), wall_time_s=round(result["wall_time_s"], 1), seed=cfg.seed,
+                data=data["record"], candidate_cache=cache, config=asdict(cfg),
+                versions=versions(), kl_first=result["history"][0]["kl"], kl_last=result["history"][-1]["kl"],
+                history=result["history"])
 
 
-def load_weights(path: str) -> dict[str, torch.Tensor]:
-    """Prepared candidate weights (a .safetensors file), with a clear message when they are not there."""
-    if not Path(path).is_file():
-        raise DashError(f"candidate weights {path} not found: pass the file (--cache) or prepare it "
-                        f"(python prepare_candidates.py --model ...)")
-    from safetensors.torch import load_file
-    return load_file(path)
+def versions() -> dict:
+    import transformers
+    out = dict(python=sys.version.split()[0], torch=torch.__version__, transformers=transformers.__version__)
+    try:
+        import fla
+        out["fla"] = fla.__version__
+    except ImportError:
+        pass
+    return out
+
+# ----------------------------------------------------------------------------- the hybrid
 
 
-def build_hybrid(arch: dict | str, model=None, weights: dict | None = None, cfg: Config | None = None):
-    """The hybrid HF model of an architecture JSON (a dict or a path): the teacher with each layer's chosen
-    operator and its prepared weights. Returns (model, tokenizer or None)."""
+def read_arch(arch: dict | str | Path) -> dict:
+    """An architecture JSON written by dash.py (a dict or a path), checked for what building it needs."""
+    where = "the architecture"
     if not isinstance(arch, dict):
-        arch = json.loads(Path(arch).read_text())
-    cfg = cfg or Config(**{k: v for k, v in arch["config"].items() if k in {f.name for f in fields(Config)}})
+        where, path = str(arch), Path(arch)
+        if not path.is_file():
+            raise DashError(f"architecture {arch} not found (dash.py writes out/arch.json)")
+        try:
+            arch = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DashError(f"{arch} is not JSON ({e})")
+    missing = [k for k in ("model", "layers", "candidates", "config", "candidate_cache") if k not in arch]
+    if missing:
+        raise DashError(f"{where} is not an architecture written by dash.py: it has no {', '.join(missing)}")
+    return arch
+
+
+def arch_config(arch: dict) -> Config:
+    """The Config an architecture was made with (fields a newer or older dash does not know are left out)."""
+    return Config(**{k: v for k, v in arch["config"].items() if k in {f.name for f in fields(Config)}})
+
+
+def candidates_for(model, arch: dict, cfg: Config) -> dict[str, torch.Tensor]:
+    """The prepared weights of an architecture's operators, checked against this teacher and the operators'
+    definitions (read_candidates); nothing to read if none of its layers has trainable parameters."""
+    attn = teacher_attention(model)[0]
+    if not any(has_parameters(CANDIDATES[n](attn, cfg)) for n in set(arch["layers"]) if n in CANDIDATES):
+        return {}
+    return read_candidates(arch["candidate_cache"],
+                           hybrid_expectation(model, [n for n in arch["candidates"] if n != "full"], cfg))
+
+
+def build_hybrid(arch: dict | str, model=None, state: dict | None = None, cfg: Config | None = None):
+    """The hybrid HF model of an architecture JSON (a dict or a path): the teacher with each layer's chosen
+    operator and its prepared weights, checked (check_generation). Returns (model, tokenizer or None)."""
+    arch = read_arch(arch)
+    cfg = cfg or arch_config(arch)
     tokenizer = None
     if model is None:
         device, dtype = devices(cfg)
         model, tokenizer = load_model(arch["model"], device, dtype)
-    if weights is None and any(n not in ("full", "swa") for n in arch["layers"]):
-        weights = load_weights(arch["candidate_cache"])
-    return make_hybrid(model, arch["layers"], weights or {}, cfg), tokenizer
+    if state is None:
+        state = candidates_for(model, arch, cfg)
+    return make_hybrid(model, arch["layers"], state, cfg), tokenizer
 
 # ----------------------------------------------------------------------------- main
 
@@ -992,6 +1511,15 @@ def parse_args(argv=None, cls=Config, description="DASH: differentiable search f
     return cls(**vars(ap.parse_args(argv)))
 
 
+def run_key(cfg: Config, data: dict, cache: str) -> str:
+    """What a search checkpoint must agree on to be resumed: the settings that shape the search, its data and
+    its candidates."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "log_every", "check_samples", "out",
+                                                                   "checkpoint_every", "polish", "compile")}
+    blob = json.dumps([settings, data["record"], Path(cache).name], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def run(cfg: Config) -> dict:
     names = candidate_names(cfg.candidates)
     device, dtype = devices(cfg)
@@ -1001,25 +1529,34 @@ def run(cfg: Config) -> dict:
     if cfg.compile is None:
         cfg.compile = device.startswith("cuda")
     print(json.dumps(asdict(cfg), indent=1))
-    import prepare_candidates  # here, not at the top: it imports this file
-    cache, weights = prepare_candidates.load_or_prepare(model, tokenizer, names, cfg)
+    per_batch = cfg.batch_size * cfg.seq_len
+    if cfg.tokens < per_batch:
+        print(f"note: --tokens {cfg.tokens:,} is less than one step of {cfg.batch_size}x{cfg.seq_len} tokens; "
+              f"the search runs one step ({per_batch:,} tokens)")
+    data = load_data(tokenizer, cfg)
+    cache, state = load_or_prepare(model, names, cfg, data)
     ops = make_ops(model, names, cfg)
-    load_candidates(ops, weights, cache)
+    load_candidates(ops, state, cache)
     install(model, ops)
     compile_layers(model, on=cfg.compile)
-    steps = max(1, cfg.tokens // (cfg.batch_size * cfg.seq_len))
-    batches = token_batches(tokenizer, cfg.data, steps, cfg.batch_size, cfg.seq_len)
-    result = search(model, batches, names, cfg)
-    compile_layers(model, on=False)  # the check below generates: new shapes every token, eager is better there
-    arch = export(result, names, cfg, batches.numel(), cache)
     out = Path(cfg.out)
+    checkpoint = out / "search.ckpt.pt"
+    if cfg.resume and not checkpoint.exists():
+        raise DashError(f"--resume: no checkpoint at {checkpoint} (a search saves one every --checkpoint-every "
+                        f"steps into --out)")
+    result = search(model, data["search"], names, cfg, checkpoint=checkpoint, run_key=run_key(cfg, data, cache))
+    relaxed = choose_layers(result["probs"], names, cfg.k, cfg.threshold)
+    polished = polish(model, result["probs"], names, relaxed, data["held_out"], cfg) if cfg.polish else None
+    compile_layers(model, on=False)  # the check below generates: new shapes every token, eager is better there
+    arch = export(result, names, cfg, cache, data, polished)
     out.mkdir(parents=True, exist_ok=True)
     (out / "arch.json").write_text(json.dumps(arch, indent=1))
+    checkpoint.unlink(missing_ok=True)
     print(f"full attention in layers {arch['full_layers']}; architecture: {' '.join(arch['layers'])}")
     print(f"wrote {out / 'arch.json'} ({arch['tokens']:,} tokens, {arch['wall_time_s']} s)")
     if cfg.check_samples:
         import eval_ruler
-        arch["retrieval_check"] = eval_ruler.retrieval_check(model, tokenizer, arch, weights, cfg)
+        arch["retrieval_check"] = eval_ruler.retrieval_check(model, tokenizer, arch, state, cfg)
         (out / "arch.json").write_text(json.dumps(arch, indent=1))
     return arch
 

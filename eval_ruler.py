@@ -551,27 +551,27 @@ CODES = {"full": "F", "swa": "S", "gla": "G", "gdn": "D"}  # one letter a layer 
 
 @dataclass
 class EvalConfig:
-    arch: str = dash.opt("out/arch.json", "architecture JSON written by dash.py")
-    cache: str | None = dash.opt(None, "candidate weights (.safetensors; default: the architecture's candidate_cache)")
-    tasks: str | None = dash.opt(None, "comma-separated RULER tasks (default: all synthetic tasks)")
-    lengths: str | None = dash.opt(None, "comma-separated context lengths (default: 4096,8192,16384,32768; the "
+    arch: str = dash.flag("out/arch.json", "architecture JSON written by dash.py")
+    cache: str | None = dash.flag(None, "candidate weights (.safetensors; default: the architecture's candidate_cache)")
+    tasks: str | None = dash.flag(None, "comma-separated RULER tasks (default: all synthetic tasks)")
+    lengths: str | None = dash.flag(None, "comma-separated context lengths (default: 4096,8192,16384,32768; the "
                                          "search's sequence length for the small model)")
-    samples: int = dash.opt(50, "samples per task and length (RULER's default is 500)")
-    seed: int = dash.opt(1, "seed of the samples (the small model trained on seed 0's distribution, other draws)")
-    baselines: str = dash.opt("all", "all, none, or a comma-separated subset of the selector names")
-    random_seeds: int = dash.opt(3, "random placements to average")
-    probes: int = dash.opt(16, "probe samples for the recall-importance and retrieval-score selectors")
-    fill: str = dash.opt("best", "operator of the baselines' other layers: best (lowest alignment loss of the "
+    samples: int = dash.flag(50, "samples per task and length (RULER's default is 500)")
+    seed: int = dash.flag(1, "seed of the samples (the small model trained on seed 0's distribution, other draws)")
+    baselines: str = dash.flag("all", "all, none, or a comma-separated subset of the selector names")
+    random_seeds: int = dash.flag(3, "random placements to average")
+    probes: int = dash.flag(16, "probe samples for the recall-importance and retrieval-score selectors")
+    fill: str = dash.flag("best", "operator of the baselines' other layers: best (lowest alignment loss of the "
                                  "layer, from the preparation report) or an operator name")
-    batch_size: int = dash.opt(8, "prompts generated together (left-padded)")
-    haystack: str | None = dash.opt(None, "text file(s) for RULER's essay haystacks (default: noise, with a note)")
-    squad: str | None = dash.opt(None, "RULER's SQuAD json for qa_1")
-    hotpotqa: str | None = dash.opt(None, "RULER's HotpotQA json for qa_2")
-    speed: bool = dash.opt(True, "on CUDA, measure prefill, decode, memory and cache of teacher and hybrid")
-    out: str = dash.opt("out/ruler", "folder for results.md and results.json")
-    device: str = dash.opt("auto", "cuda, cpu or auto")
-    dtype: str = dash.opt("auto", "bfloat16, float32 or auto")
-    kernels: str = dash.opt("auto", "fla (CUDA only), torch or auto")
+    batch_size: int = dash.flag(8, "prompts generated together (left-padded)")
+    haystack: str | None = dash.flag(None, "text file(s) for RULER's essay haystacks (default: noise, with a note)")
+    squad: str | None = dash.flag(None, "RULER's SQuAD json for qa_1")
+    hotpotqa: str | None = dash.flag(None, "RULER's HotpotQA json for qa_2")
+    speed: bool = dash.flag(True, "on CUDA, measure prefill, decode, memory and cache of teacher and hybrid")
+    out: str = dash.flag("out/ruler", "folder for results.md and results.json")
+    device: str = dash.flag("auto", "cuda, cpu or auto")
+    dtype: str = dash.flag("auto", "bfloat16, float32 or auto")
+    kernels: str = dash.flag("auto", "fla (CUDA only), torch or auto")
 
 
 # -- generation
@@ -773,8 +773,8 @@ def table(rows: dict[str, dict], title: str = "") -> str:
 
 
 def evaluate(ecfg: EvalConfig) -> dict:
-    arch = json.loads(Path(ecfg.arch).read_text())
-    cfg = dash.Config(**{k: v for k, v in arch["config"].items() if k in dash.Config.__dataclass_fields__})
+    arch = dash.read_arch(ecfg.arch)
+    cfg = dash.arch_config(arch)
     cfg.device, cfg.dtype, cfg.kernels = ecfg.device, ecfg.dtype, ecfg.kernels
     device, dtype = dash.devices(cfg)
     model, tokenizer = dash.load_model(arch["model"], device, dtype)
@@ -782,7 +782,7 @@ def evaluate(ecfg: EvalConfig) -> dict:
     lengths = [int(x) for x in (ecfg.lengths or (str(cfg.seq_len) if small else "4096,8192,16384,32768")).split(",")]
     tasks = ecfg.tasks.split(",") if ecfg.tasks else DEFAULT_TASKS
     cache = ecfg.cache or arch["candidate_cache"]
-    weights = dash.load_weights(cache)
+    weights = dash.candidates_for(model, {**arch, "candidate_cache": cache, "layers": arch["candidates"]}, cfg)
     report_path = Path(cache).with_suffix(".json")
     report = json.loads(report_path.read_text()) if report_path.exists() else None
     haystack = Path(ecfg.haystack).read_text() if ecfg.haystack else None

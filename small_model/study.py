@@ -13,8 +13,6 @@ import sys
 import warnings
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dash  # noqa: E402
 import eval_ruler as er  # noqa: E402
@@ -30,7 +28,9 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     model, tok = dash.load_model(str(dash.SMALL_MODEL))
-    weights, cfg = load_file(args.cache), dash.Config(window=dash.SMALL["window"], kernels="torch")
+    cfg = dash.Config(window=dash.SMALL["window"], kernels="torch")
+    names = ["swa", "gla", "gdn"]
+    weights = dash.read_candidates(args.cache, dash.hybrid_expectation(model, names, cfg))
     L = len(model.model.layers)
     with warnings.catch_warnings():  # the essay tasks use the noise haystack here
         warnings.simplefilter("ignore")

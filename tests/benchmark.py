@@ -19,7 +19,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dash  # noqa: E402
 import eval_ruler  # noqa: E402
-import prepare_candidates  # noqa: E402
 
 QWEN3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
               num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
@@ -140,25 +139,26 @@ def main():
     # preparation: teacher forward with hooks, then each layer's gla and gdn take a step
     weights = {}
     if args.prep_steps:
-        pcfg = prepare_candidates.PrepConfig(model="qwen3b-shaped", candidates="gla,gdn", seq_len=T, batch_size=B,
-                                             tokens=args.prep_steps * B * T, window=args.window, eval_batches=1,
-                                             kernels="fla", data="random", save_every=10 ** 9)
-        fp = prepare_candidates.fingerprint(model, ["gla", "gdn"], pcfg)
+        pcfg = dash.Config(model="qwen3b-shaped", candidates="full,gla,gdn", seq_len=T, batch_size=B,
+                           prep_tokens=args.prep_steps * B * T, window=args.window, held_out=1, kernels="fla",
+                           data="random", checkpoint_every=10 ** 9)
+        parts = dict(held_out=batches[:1], prep=batches[1:args.prep_steps + 1])
+        data = dict(parts, record=dash.data_record(parts, pcfg, dict(held_out=(0, 1), prep=(1, args.prep_steps + 1))))
+        fp = dash.fingerprint(model, ["gla", "gdn"], pcfg, data)
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        report = prepare_candidates.prepare(model, None, pcfg, Path("/tmp/bench_cands.safetensors"), fp,
-                                            data=batches[:args.prep_steps + 1])
+        report = dash.align(model, ["gla", "gdn"], pcfg, data, Path("/tmp/bench_cands.safetensors"), fp)
         times = report["step_times"]
         skip = min(5, len(times) - 2)
         res["prepare_first_step_s"] = times[0]
         res["prepare_tok_s"] = (len(times) - 1 - skip) * B * T / (times[-1] - times[skip])
         res["prepare_wall_s"] = time.perf_counter() - t0
         res["prepare_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-        res["prepare_minutes_default"] = prepare_candidates.PREP_PAPER["tokens"] / res["prepare_tok_s"] / 60
+        res["prepare_minutes_default"] = dash.PAPER["prep_tokens"] / res["prepare_tok_s"] / 60
         res["prepare_mfu"] = res["prepare_tok_s"] * flops["prepare"] / peak_flops
         print("prepare", {k: v for k, v in res.items() if k.startswith("prepare")}, flush=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
-        weights = prepare_candidates.load_file("/tmp/bench_cands.safetensors")
+        weights = dash.read_candidates("/tmp/bench_cands.safetensors", fp)
 
     # search: every candidate in every layer, KL in chunks, only alpha trains
     # lr 0: the operator weights stay where they start, so each row times one state (all active, or collapsed);
@@ -265,7 +265,7 @@ def main():
     if args.prep_steps:
         rows += [("prepare gla+gdn x 36", f"{res['prepare_tok_s'] / 1e3:.1f}k tok/s  (MFU {res['prepare_mfu']:.0%})"),
                  ("prepare: default budget", f"{res['prepare_minutes_default']:.1f} min for "
-                                             f"{prepare_candidates.PREP_PAPER['tokens'] / 1e6:.1f}M tokens"),
+                                             f"{dash.PAPER['prep_tokens'] / 1e6:.1f}M tokens"),
                  ("prepare: first step", f"{res['prepare_first_step_s']:.1f} s"),
                  ("prepare: peak memory", f"{res['prepare_peak_gib']:.1f} GiB")]
     rows += [("FLOP/token search", f"{flops['search'] / 1e9:.1f} G (measured bf16 peak {res['measured_bf16_tflops']} T)")]

@@ -78,3 +78,10 @@ def tiny_cfg(tiny_dir, text_file, **kw) -> dash.Config:
                 skip_below=0.0, log_every=1000)
     base.update(kw)
     return dash.Config(**base)
+
+
+def prepared_state(tiny_dir, text_file, path, names=("full", "swa", "gla", "gdn"), **kw) -> dict:
+    """Prepared candidate parameters for the tiny model (so that linear layers are not at their identity init)."""
+    cfg = dash.resolve(tiny_cfg(tiny_dir, text_file, cache=str(path), candidates=",".join(names), **kw), 4)
+    model, tok = dash.load_model(str(tiny_dir))
+    return dash.load_or_prepare(model, list(names), cfg, dash.load_data(tok, cfg, parts=("held_out", "prep")))[1]

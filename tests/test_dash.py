@@ -112,9 +112,9 @@ def test_one_hot_full_is_the_teacher(tiny, text_file, tiny_dir):
     ids = torch.randint(0, model.config.vocab_size, (2, 40))
     teacher = model(ids, use_cache=False).logits
     mixed(model, tiny_cfg(tiny_dir, text_file))
-    dash.set_weights(model, one_hot(4, 4, 0))
+    dash.set_probs(model, one_hot(4, 4, 0))
     assert torch.equal(model(ids, use_cache=False).logits, teacher)
-    dash.set_weights(model, None)  # teacher mode
+    dash.set_probs(model, None)  # teacher mode
     assert torch.equal(model(ids, use_cache=False).logits, teacher)
 
 
@@ -127,9 +127,9 @@ def test_one_hot_candidate_is_that_candidate_and_uniform_is_the_mean(tiny, text_
     p = dash.project(layer.attn, x, rope)
     outs = {n: layer.attn.o_proj(op(p).flatten(2)) for n, op in ops[1].items()}
     for i, n in enumerate(NAMES):
-        dash.set_weights(model, one_hot(4, 4, i))
+        dash.set_probs(model, one_hot(4, 4, i))
         assert torch.equal(layer(x, rope)[0], outs[n]), n
-    dash.set_weights(model, torch.full((4, 4), 0.25))
+    dash.set_probs(model, torch.full((4, 4), 0.25))
     assert torch.allclose(layer(x, rope)[0], torch.stack(list(outs.values())).mean(0), atol=1e-5)
     assert len({round(o.abs().sum().item(), 3) for o in outs.values()}) == 4  # the operators really differ
 
@@ -146,7 +146,7 @@ def test_only_the_logits_get_gradients_and_weights_stay_bit_identical(tiny, text
     optimizers = []
     real_adam = torch.optim.Adam
     monkeypatch.setattr(torch.optim, "Adam", lambda params, **kw: optimizers.append(real_adam(params, **kw)) or optimizers[-1])
-    batches = dash.token_batches(tok, cfg.data, 3, 2, 32)
+    batches = dash.load_data(tok, cfg, parts=("search",))["search"][:3]
     result = dash.search(model, batches, NAMES, cfg)
     (opt,) = optimizers
     (group,) = opt.param_groups
@@ -161,7 +161,7 @@ def test_gradient_reaches_alpha_through_every_layer(tiny, text_file, tiny_dir):
     model, _ = tiny
     mixed(model, tiny_cfg(tiny_dir, text_file))
     alpha = torch.zeros(4, 4, requires_grad=True)
-    dash.set_weights(model, alpha.softmax(-1))
+    dash.set_probs(model, alpha.softmax(-1))
     ids = torch.randint(0, model.config.vocab_size, (2, 24))
     model.model(input_ids=ids, use_cache=False).last_hidden_state.pow(2).mean().backward()
     assert (alpha.grad.abs().sum(-1) > 0).all()
@@ -181,10 +181,10 @@ def test_a_step_is_the_plain_kl_and_its_gradient(tiny, text_file, tiny_dir):
     cfg.micro_batch = 1
     kl_micro, dkl_dw_micro = dash.kl_and_grad(model, ids, w, [[True] * 4] * 4, cfg)
     with torch.no_grad():
-        dash.set_weights(model, None)
+        dash.set_probs(model, None)
         log_p = model(ids, use_cache=False).logits.log_softmax(-1)
     w_ref = w.clone().requires_grad_()
-    dash.set_weights(model, w_ref)
+    dash.set_probs(model, w_ref)
     log_q = model(ids, use_cache=False).logits.log_softmax(-1)
     kl_ref = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
     kl_ref.backward()
@@ -260,13 +260,15 @@ def test_cli_end_to_end_writes_an_architecture_that_builds_a_working_hybrid(tiny
                "--out", str(out), "--check-samples", "0", "--device", "cpu"])
     arch = json.loads((out / "arch.json").read_text())
     assert arch["candidates"] == NAMES and arch["k"] == 1 and arch["tokens"] == 512
+    assert arch["relaxed"]["full_layers"] and arch["polished"]["kl"] <= arch["polished"]["kl_relaxed"]
+    assert arch["data"]["search"]["tokens"] == [512, 1024] and len(arch["history"]) == 4
     assert len(arch["layers"]) == 4 and arch["layers"].count("full") == 1
     assert all(n in NAMES for n in arch["layers"]) and len(arch["probabilities"]) == 4
     assert arch["config"]["seed"] == 0 and arch["wall_time_s"] >= 0 and arch["candidate_cache"] == str(cache)
     p_full = torch.tensor(arch["probabilities"])[:, 0]
-    assert arch["full_layers"] == [int(p_full.argmax())]
+    assert arch["relaxed"]["full_layers"] == [int(p_full.argmax())]
     model, tok = dash.build_hybrid(out / "arch.json")
-    assert [type(l.self_attn).__name__ for l in model.model.layers].count("Qwen2Attention") == 1
+    assert [type(l.self_attn.op).__name__ for l in model.model.layers].count("FullAttention") == 1
     ids = tok("def main(argv):", return_tensors="pt").input_ids
     gen = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert gen.shape == (1, ids.shape[1] + 5)
@@ -274,6 +276,9 @@ def test_cli_end_to_end_writes_an_architecture_that_builds_a_working_hybrid(tiny
     arch["layers"][arch["layers"].index("full") - 1] = "gdn"
     arch["candidate_cache"] = str(tmp_path / "moved.safetensors")  # weights moved away: one clear message
     with pytest.raises(dash.DashError, match="moved.safetensors not found"):
+        dash.build_hybrid(arch)
+    del arch["config"]
+    with pytest.raises(dash.DashError, match="not an architecture written by dash.py: it has no config"):
         dash.build_hybrid(arch)
 
 
@@ -283,73 +288,84 @@ def test_cli_end_to_end_writes_an_architecture_that_builds_a_working_hybrid(tiny
 def test_prepare_lowers_the_alignment_loss_and_the_cache_round_trips(tiny, tiny_dir, text_file, tmp_path):
     model, tok = tiny
     cfg = dash.resolve(tiny_cfg(tiny_dir, text_file, cache=str(tmp_path / "c.safetensors"), prep_tokens=1024), 4)
-    path, weights = prepare_candidates.load_or_prepare(model, tok, NAMES, cfg)
+    data = dash.load_data(tok, cfg)
+    path, state = dash.load_or_prepare(model, NAMES, cfg, data)
     report = json.loads((tmp_path / "c.json").read_text())
     for layer in report["layers"]:
         for n in ("gla", "gdn"):
             assert layer[n]["after"] < layer[n]["before"], (n, layer)
         assert layer["swa"]["after"] == layer["swa"]["before"]  # nothing to train
+    # held out, preparation and search read disjoint tokens, and the report says which
+    ranges = data["record"]
+    assert ranges["held_out"]["tokens"] == [0, 256] and ranges["prep"]["tokens"] == [256, 1280]
+    assert ranges["search"]["tokens"] == [1280, 1792] and report["data"]["prep"] == ranges["prep"]
     # loaded back, the operators give bit-identical outputs
     ops_a, ops_b = dash.make_ops(model, NAMES, cfg), dash.make_ops(model, NAMES, cfg)
-    dash.load_candidates(ops_a, weights)
-    _, again = prepare_candidates.load_or_prepare(model, tok, NAMES, cfg)  # found, not prepared again
+    dash.load_candidates(ops_a, state)
+    _, again = dash.load_or_prepare(model, NAMES, cfg, data)  # found, not prepared again
     dash.load_candidates(ops_b, again)
     attn = model.model.layers[2].self_attn
     x = torch.randn(1, 20, 64)
     p = dash.project(attn, x, model.model.rotary_emb(x, torch.arange(20)[None]))
     for n in ("gla", "gdn"):
         assert torch.equal(ops_a[2][n](p), ops_b[2][n](p))
-    assert report["tokens"] == 1024 and report["wall_time_s"] > 0
+    assert report["wall_time_s"] > 0
 
 
-def test_cache_for_another_model_is_refused(tiny_dir, other_tiny_dir, text_file, tmp_path):
+def test_cache_made_for_something_else_is_refused(tiny_dir, other_tiny_dir, text_file, tmp_path):
     cache = tmp_path / "c.safetensors"
     cfg = dash.resolve(tiny_cfg(tiny_dir, text_file, cache=str(cache)), 4)
     model, tok = dash.load_model(str(tiny_dir))
-    prepare_candidates.load_or_prepare(model, tok, NAMES, cfg)
+    data = dash.load_data(tok, cfg)
+    dash.load_or_prepare(model, NAMES, cfg, data)
     other, tok = dash.load_model(str(other_tiny_dir))
     cfg_other = dash.resolve(tiny_cfg(other_tiny_dir, text_file, cache=str(cache)), 4)
-    with pytest.raises(dash.DashError, match="prepared for another model"):
-        prepare_candidates.load_or_prepare(other, tok, NAMES, cfg_other)
+    with pytest.raises(dash.DashError, match="prepared for something else: weights"):
+        dash.load_or_prepare(other, NAMES, cfg_other, data)
     cfg_window = dash.resolve(tiny_cfg(tiny_dir, text_file, cache=str(cache), window=16), 4)
-    with pytest.raises(dash.DashError, match="other settings for 'swa'"):
-        prepare_candidates.load_or_prepare(model, tok, NAMES, cfg_window)
+    with pytest.raises(dash.DashError, match="operators.swa.window"):
+        dash.load_or_prepare(model, NAMES, cfg_window, data)
+    cfg_data = dash.resolve(tiny_cfg(tiny_dir, text_file, cache=str(cache), prep_tokens=384), 4)
+    with pytest.raises(dash.DashError, match="data.tokens"):
+        dash.load_or_prepare(model, NAMES, cfg_data, dash.load_data(tok, cfg_data))
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)  # not a safetensors file at all
+    with pytest.raises(dash.DashError, match="junk.safetensors is not a readable candidate file"):
+        dash.read_candidates(tmp_path / "junk.safetensors", {})
 
 
 def test_rerun_skips_and_interrupted_run_resumes(tiny, tiny_dir, text_file, tmp_path, monkeypatch, capsys):
     model, tok = tiny
-    pcfg = prepare_candidates.resolve(prepare_candidates.PrepConfig(
-        model=str(tiny_dir), tokens=1024, seq_len=64, batch_size=2, data=str(text_file), window=8,
-        kernels="torch", save_every=3, eval_batches=1))
+    cfg = dash.resolve(tiny_cfg(tiny_dir, text_file, prep_tokens=1024, checkpoint_every=3, held_out=1), 4)
     names = ["swa", "gla", "gdn"]
-    fp = prepare_candidates.fingerprint(model, names, pcfg)
+    data = dash.load_data(tok, cfg, parts=("held_out", "prep"))
+    fp = dash.fingerprint(model, names, cfg, data)
     path = tmp_path / "c.safetensors"
-    full = prepare_candidates.prepare(model, tok, pcfg, path, fp)  # 8 steps straight through
-    reference = prepare_candidates.load_file(str(path))
+    full = dash.align(model, names, cfg, data, path, fp)  # 8 steps straight through
+    reference = dash.read_candidates(path, fp)
     path.unlink()
     # interrupt the same run after step 4 (a checkpoint was written at 3), then run it again
-    real_capture, calls = prepare_candidates.capture, []
+    real_capture, calls = dash.capture, []
 
     def dying_capture(m, ids):
         calls.append(1)
         if len(calls) == 1 + 1 + 4 + 1:  # calibration, eval before, steps 0..3, then the fifth step
             raise KeyboardInterrupt
         return real_capture(m, ids)
-    monkeypatch.setattr(prepare_candidates, "capture", dying_capture)
+    monkeypatch.setattr(dash, "capture", dying_capture)
     with pytest.raises(KeyboardInterrupt):
-        prepare_candidates.prepare(model, tok, pcfg, path, fp)
+        dash.align(model, names, cfg, data, path, fp)
     assert path.with_suffix(".partial.pt").exists() and not path.exists()
-    monkeypatch.setattr(prepare_candidates, "capture", real_capture)
-    resumed = prepare_candidates.prepare(model, tok, pcfg, path, fp)
+    monkeypatch.setattr(dash, "capture", real_capture)
+    resumed = dash.align(model, names, cfg, data, path, fp)
     assert "resuming from" in capsys.readouterr().out
     assert len(resumed["curve"]) == 8 - 3
-    weights = prepare_candidates.load_file(str(path))
-    assert all(torch.allclose(weights[k], reference[k], atol=1e-6) for k in reference)
+    state = dash.read_candidates(path, fp)
+    assert all(torch.allclose(state[k], reference[k], atol=1e-6) for k in reference)
     assert full["curve"][3:] == pytest.approx(resumed["curve"], abs=1e-5)
-    # and the CLI finds the finished file and does nothing
+    # and the CLI finds the finished file, checks it, and does nothing
     prepare_candidates.main(["--model", str(tiny_dir), "--tokens", "1024", "--seq-len", "64", "--batch-size", "2",
                              "--data", str(text_file), "--window", "8", "--kernels", "torch",
-                             "--save-every", "3", "--eval-batches", "1", "--cache", str(path)])
+                             "--checkpoint-every", "3", "--held-out", "1", "--cache", str(path)])
     assert "nothing to do" in capsys.readouterr().out
 
 # ----------------------------------------------------------------------------- bad input
@@ -367,7 +383,8 @@ def test_bad_inputs_get_one_clear_message(tiny_dir, text_file, tmp_path, capsys)
     fails(["--k", "0"], "out of range")
     fails(["--batch-size", "4", "--micro-batch", "3"], "--micro-batch 3 must divide --batch-size 4")
     fails(["--kernels", "fla"], "fla's Triton kernels need a CUDA GPU")
-    fails(["--no-prepare", "--cache", str(tmp_path / "none.safetensors")], "no candidate cache at")
+    fails(["--no-prepare", "--cache", str(tmp_path / "none.safetensors"), "--tokens", "512", "--prep-tokens", "256",
+           "--seq-len", "64", "--batch-size", "2"], "no candidate weights at")
     fails(["--data", str(tmp_path / "nope.txt")], "no such file")
     notlm = tmp_path / "vit"
     from transformers import ViTConfig
@@ -406,10 +423,12 @@ def test_data_reads_txt_jsonl_and_gz(tmp_path, tiny):
         f.write(json.dumps({"text": "gzipped " * 50}) + "\n")
     docs = list(dash.read_texts(str(tmp_path)))
     assert [d.split()[0] for d in docs] == ["hello", "jsonl", "gzipped"]
-    batches = dash.token_batches(tok, str(tmp_path), 2, 2, 16)
-    assert batches.shape == (2, 2, 16)
-    with pytest.raises(dash.DashError, match="lower --tokens"):
-        dash.token_batches(tok, str(tmp_path), 1000, 2, 16)
+    cfg = dash.Config(data=str(tmp_path), seq_len=16, batch_size=2, held_out=1, prep_tokens=32, tokens=64)
+    data = dash.load_data(tok, cfg)
+    assert data["held_out"].shape == (1, 2, 16) and data["prep"].shape == (1, 2, 16) and data["search"].shape == (2, 2, 16)
+    with pytest.raises(dash.DashError, match="lower --tokens or --prep-tokens"):
+        dash.load_data(tok, dash.Config(data=str(tmp_path), seq_len=16, batch_size=2, held_out=1, prep_tokens=32,
+                                        tokens=32_000))
 
 
 def test_teacher_gradient_mode_same_values_exact_last_layer_and_no_op_graph(tiny, text_file, tiny_dir):
@@ -425,7 +444,7 @@ def test_teacher_gradient_mode_same_values_exact_last_layer_and_no_op_graph(tiny
     grads, outs = {}, {}
     for grad in ("exact", "teacher"):
         alpha = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
-        dash.set_weights(model, alpha.softmax(-1), grad=grad)
+        dash.set_probs(model, alpha.softmax(-1), grad=grad)
         outs[grad] = model.model(input_ids=ids, use_cache=False).last_hidden_state
         outs[grad].pow(2).mean().backward()
         grads[grad] = alpha.grad
@@ -443,12 +462,13 @@ def test_the_readme_operator_example_works(tiny, tiny_dir, text_file, tmp_path):
     try:
         model, tok = tiny
         cfg = dash.resolve(tiny_cfg(tiny_dir, text_file, candidates="full,elu", cache=str(tmp_path / "c.safetensors")), 4)
-        _, weights = prepare_candidates.load_or_prepare(model, tok, ["full", "elu"], cfg)
-        assert any(k.startswith("layers.0.elu.") for k in weights)
+        data = dash.load_data(tok, cfg)
+        _, state = dash.load_or_prepare(model, ["full", "elu"], cfg, data)
+        assert any(k.startswith("layers.0.elu.") for k in state)
         ops = dash.make_ops(model, ["full", "elu"], cfg)
-        dash.load_candidates(ops, weights)
+        dash.load_candidates(ops, state)
         dash.install(model, ops)
-        result = dash.search(model, dash.token_batches(tok, cfg.data, 2, 2, 32), ["full", "elu"], cfg)
+        result = dash.search(model, data["search"][:2], ["full", "elu"], cfg)
         assert dash.choose_layers(result["probs"], ["full", "elu"], k=1).count("elu") == 3
     finally:
         dash.CANDIDATES.pop("elu", None)
@@ -467,11 +487,12 @@ def test_compiled_layers_give_the_same_mixture_and_gradient(tiny, text_file, tin
         dash.compile_layers(model, on=compiled)
         assert all((l._compiled_call_impl is not None) == compiled for l in model.model.layers)
         with torch.no_grad():
-            dash.set_weights(model, None)
+            dash.set_probs(model, None)
             res = [model.model(input_ids=ids, use_cache=False).last_hidden_state]
         for grad in ("exact", "teacher"):
             a = alpha.clone().requires_grad_()
-            dash.set_weights(model, a.softmax(-1), skip_below=1e-3, grad=grad)
+            w = a.softmax(-1)
+            dash.set_probs(model, w, (w > 1e-3).tolist(), grad=grad)
             out = model.model(input_ids=ids, use_cache=False).last_hidden_state
             out.pow(2).mean().backward()
             res += [out.detach(), a.grad]

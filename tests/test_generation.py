@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dash
-from conftest import tiny_cfg
+from conftest import prepared_state
 
 
 def greedy_recompute(model, ids, mask, n):
@@ -19,11 +19,7 @@ def greedy_recompute(model, ids, mask, n):
 
 @pytest.fixture(scope="module")
 def prepared(tiny_dir, text_file, tmp_path_factory):
-    """Candidate weights for the tiny model (so that linear layers are not at their identity init)."""
-    import prepare_candidates
-    cfg = dash.resolve(tiny_cfg(tiny_dir, text_file, cache=str(tmp_path_factory.mktemp("c") / "c.safetensors")), 4)
-    model, tok = dash.load_model(str(tiny_dir))
-    return prepare_candidates.load_or_prepare(model, tok, ["full", "swa", "gla", "gdn"], cfg)[1]
+    return prepared_state(tiny_dir, text_file, tmp_path_factory.mktemp("c") / "c.safetensors")
 
 
 @pytest.mark.parametrize("layers", [["full"] * 4, ["swa"] * 4, ["gla"] * 4, ["gdn"] * 4,

@@ -104,20 +104,25 @@ def model3b():
     torch.cuda.empty_cache()
 
 
+def random_data(batches: torch.Tensor, cfg) -> dict:
+    """Random token batches as dash.load_data() returns text: held out (the first batch), preparation, search."""
+    parts = dict(held_out=batches[:1], prep=batches[1:3], search=batches[1:3])
+    ranges = dict(held_out=(0, 1), prep=(1, 3), search=(1, 3))  # in batches: random data, nothing to keep apart
+    return dict(parts, record=dash.data_record(parts, cfg, ranges))
+
+
 def test_search_and_preparation_steps_fit_on_the_3b_shape(model3b, tmp_path):
-    import prepare_candidates
     cfg = dash.resolve(dash.Config(model="qwen3b-shaped", k=5, tokens=4 * 2048 * 2, lr=0.01, window=512,
-                                   kernels="fla", skip_below=0.0, check_samples=0), 36)
+                                   kernels="fla", skip_below=0.0, check_samples=0, data="random", polish=1), 36)
     names = dash.candidate_names(cfg.candidates)
     batches = torch.randint(0, 151936, (3, 4, 2048))
+    data = random_data(batches, cfg)
     torch.cuda.reset_peak_memory_stats()
-    pcfg = prepare_candidates.PrepConfig(model="qwen3b-shaped", tokens=4 * 2048 * 2, seq_len=2048, batch_size=4,
-                                         window=512, kernels="fla", eval_batches=1, data="random")
-    fp = prepare_candidates.fingerprint(model3b, ["swa", "gla", "gdn"], pcfg)
-    report = prepare_candidates.prepare(model3b, None, pcfg, tmp_path / "c.safetensors", fp, data=batches)
+    fp = dash.fingerprint(model3b, ["swa", "gla", "gdn"], cfg, data)
+    report = dash.align(model3b, ["swa", "gla", "gdn"], cfg, data, tmp_path / "c.safetensors", fp)
     assert all(math.isfinite(l[n]["after"]) for l in report["layers"] for n in ("swa", "gla", "gdn"))
     ops = dash.make_ops(model3b, names, cfg)
-    dash.load_candidates(ops, prepare_candidates.load_file(str(tmp_path / "c.safetensors")))
+    dash.load_candidates(ops, dash.read_candidates(tmp_path / "c.safetensors", fp))
     dash.install(model3b, ops)
     result = dash.search(model3b, batches[:2], names, cfg)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30
@@ -126,7 +131,9 @@ def test_search_and_preparation_steps_fit_on_the_3b_shape(model3b, tmp_path):
     cfg.grad = "teacher"  # the straight-through variant takes a step too
     assert math.isfinite(dash.search(model3b, batches[2:], names, cfg)["history"][0]["kl"])
     cfg.grad = "exact"
-    arch = dash.export(result, names, cfg, batches[:2].numel(), str(tmp_path / "c.safetensors"))
+    relaxed = dash.choose_layers(result["probs"], names, cfg.k)
+    polished = dash.polish(model3b, result["probs"], names, relaxed, data["held_out"], cfg)
+    arch = dash.export(result, names, cfg, str(tmp_path / "c.safetensors"), data, polished)
     dash.restore_teacher(model3b)
     hybrid, _ = dash.build_hybrid(arch, model=model3b, cfg=cfg)
     ids = torch.randint(0, 151936, (2, 600), device="cuda")
