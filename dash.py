@@ -813,11 +813,13 @@ def data_ranges(cfg: Config) -> dict[str, tuple[int, int]]:
     return ranges
 
 
-def batches_of(stream: torch.Tensor, span: tuple[int, int], cfg: Config, seed: int) -> torch.Tensor:
-    """Tokens [start, end) of the stream as (n, batch_size, seq_len): sequences in an order the seed shuffles."""
+def batches_of(stream: torch.Tensor, span: tuple[int, int], cfg: Config, seed: int | None) -> torch.Tensor:
+    """Tokens [start, end) of the stream as (n, batch_size, seq_len): sequences in an order the seed shuffles
+    (None: in order)."""
     seqs = stream[span[0]:span[1]].view(-1, cfg.seq_len)
-    order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed))
-    return seqs[order].view(-1, cfg.batch_size, cfg.seq_len)
+    if seed is not None:
+        seqs = seqs[torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed))]
+    return seqs.view(-1, cfg.batch_size, cfg.seq_len)
 
 
 def token_digest(t: torch.Tensor) -> str:
@@ -825,10 +827,11 @@ def token_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
-def data_record(batches: dict[str, torch.Tensor], cfg: Config, ranges: dict) -> dict:
-    """What a run's data is: the text, the seeds, and per range its tokens [start, end) and content digest."""
+def data_record(tokens: dict[str, torch.Tensor], cfg: Config, ranges: dict) -> dict:
+    """What a run's data is: the text, the seeds, and per range its tokens [start, end) and their content digest
+    (in stream order: the seeds only shuffle)."""
     return dict(data=cfg.data, seed=cfg.seed, prep_seed=cfg.prep_seed, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                **{p: dict(tokens=list(ranges[p]), digest=token_digest(b)) for p, b in batches.items()})
+                **{p: dict(tokens=list(ranges[p]), digest=token_digest(t)) for p, t in tokens.items()})
 
 
 def load_data(tokenizer, cfg: Config, parts=("held_out", "prep", "search")) -> dict:
@@ -836,8 +839,9 @@ def load_data(tokenizer, cfg: Config, parts=("held_out", "prep", "search")) -> d
     content digests and the seeds: preparation shuffles its range with --prep-seed, the search with --seed."""
     ranges = data_ranges(cfg)
     stream = token_stream(tokenizer, cfg.data, max(ranges[p][1] for p in parts))
-    data = {p: batches_of(stream, ranges[p], cfg, cfg.prep_seed if p == "prep" else cfg.seed) for p in parts}
-    return dict(data, record=data_record(data, cfg, ranges))
+    seeds = dict(held_out=None, prep=cfg.prep_seed, search=cfg.seed)  # held out: in order, whatever the seeds
+    data = {p: batches_of(stream, ranges[p], cfg, seeds[p]) for p in parts}
+    return dict(data, record=data_record({p: stream[slice(*ranges[p])] for p in parts}, cfg, ranges))
 
 # ----------------------------------------------------------------------------- candidate alignment and cache
 # Every cheap operator, in every layer, is trained once to copy that layer's attention output:

@@ -37,7 +37,7 @@ def test_default_pipeline_exports_a_valid_architecture(default_run, capsys):
     assert set(arch["layers"]) <= {"full", "swa", "gla", "gdn"}
     probs = torch.tensor(arch["probabilities"])
     assert probs.shape == (8, 4) and torch.allclose(probs.sum(-1), torch.ones(8), atol=1e-4)
-    assert sorted(arch["full_layers"]) == sorted(torch.topk(probs[:, 0], 2).indices.tolist())
+    assert sorted(arch["relaxed"]["full_layers"]) == sorted(torch.topk(probs[:, 0], 2).indices.tolist())
     assert (default_run / "c.json").exists()  # the candidates were prepared, with their report
 
 
