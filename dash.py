@@ -7,14 +7,16 @@ DASH: differentiable architecture search for hybrid-attention LLMs (arXiv 2605.2
 A hybrid LLM keeps full softmax attention in a few layers and cheap operators (linear attention, a sliding
 window) in the rest; which layers keep full attention decides its quality. DASH finds them by search:
   1. teacher-aligned candidates: every cheap operator, in every layer, is trained once to copy that layer's
-     attention output (prepare_candidates.py; cached and reused by every search);
+     attention output (align(); cached in a file tied to the code, teacher and data that made it);
   2. each layer's attention becomes the mixture  sum_i softmax(alpha_l / tau)_i * op_i(x)  and only the
      architecture logits alpha (layers x operators) train, to minimise KL(teacher || mixture) plus
      regularizers; the teacher's and the candidates' weights stay frozen;
   3. export: the K layers that most want full attention keep it, the others take their most probable
-     cheap operator; the architecture is a JSON file, and build_hybrid() turns it back into a model.
-The file reads top to bottom: config, candidate operators, mixed layer, model surgery, data, objective,
-search loop, export, main.
+     cheap operator; a discrete polish then moves full attention where the held-out KL says; the architecture
+     is a JSON file, and build_hybrid() turns it back into a model, checked to generate as it computes.
+The file reads top to bottom: config, candidate operators, mixed layer, model surgery, data, candidate alignment
+and cache, objective, search loop, export and polish, the hybrid, main. It imports no other file of the project
+(ruler.py, the RULER port, aside): prepare_candidates.py and eval_ruler.py build on it, never the reverse.
 """
 import argparse
 import gzip

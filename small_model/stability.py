@@ -28,20 +28,23 @@ def main():
     ap.add_argument("--ks", default="2,3")
     ap.add_argument("--out", default="results/stability-small")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--tokens", type=int, default=None, help="search tokens (default: dash.py's)")
+    ap.add_argument("--prep-tokens", type=int, default=None, help="alignment tokens (default: dash.py's)")
     args = ap.parse_args()
     out = Path(args.out)
     runs = []
     for k in map(int, args.ks.split(",")):
         for seed in map(int, args.seeds.split(",")):
             t0 = time.time()
-            arch = dash.run(dash.Config(k=k, seed=seed, check_samples=0, device=args.device,
+            arch = dash.run(dash.Config(k=k, seed=seed, check_samples=0, device=args.device, tokens=args.tokens,
+                                        prep_tokens=args.prep_tokens,
                                         out=str(out / f"k{k}-seed{seed}"), log_every=10 ** 9))
             runs.append(dict(k=k, seed=seed, relaxed=arch["relaxed"]["full_layers"],
                              polished=arch["full_layers"], kl_relaxed=arch["polished"]["kl_relaxed"],
                              kl_polished=arch["polished"]["kl"], moves=len(arch["polished"]["moves"]),
                              wall_s=round(time.time() - t0, 1), arch=str(out / f"k{k}-seed{seed}" / "arch.json")))
     # every placement, by the polish's own measure, for each distinct (K, cheap fill)
-    cfg = dash.Config(device=args.device, check_samples=0)
+    cfg = dash.Config(device=args.device, check_samples=0, tokens=args.tokens, prep_tokens=args.prep_tokens)
     device, dtype = dash.devices(cfg)
     model, tok = dash.load_model(str(dash.SMALL_MODEL), device, dtype)
     cfg = dash.resolve(cfg, len(model.model.layers))

@@ -119,6 +119,8 @@ def main():
     ap.add_argument("--dump-fla-configs", default=None, help="write fla's autotuning results here at the end")
     ap.add_argument("--lengths", default="4096,8192,16384,32768", help="context lengths of the inference table "
                                                                       "('' for none)")
+    ap.add_argument("--polish-moves", type=int, default=0, help="time the discrete polish (dash.py --polish) from the "
+                                                                  "collapsed state, on one held-out batch")
     ap.add_argument("--out", default="bench.json")
     args = ap.parse_args()
     if args.fla_configs:  # before fla is imported
@@ -230,6 +232,18 @@ def main():
         cfg.micro_batch = None
         if args.micro_batches and cfg.compile:
             torch._dynamo.reset()
+    if args.polish_moves:  # the discrete polish after the export: K (L - K) forward passes per move, no backward
+        cfg.polish = args.polish_moves
+        probs = torch.softmax(collapsed, -1)
+        layers = dash.choose_layers(probs, names, 5)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = dash.polish(model, probs, names, layers, batches[:1], cfg)
+        torch.cuda.synchronize()
+        res["polish"] = dict(moves=cfg.polish, wall_s=time.perf_counter() - t0, placements=out["placements_scored"],
+                             held_out_tokens=B * T, compiled=cfg.compile, moved=len(out["moves"]))
+        print("polish", res["polish"], flush=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
     dash.compile_layers(model, on=False)
     if args.dump_fla_configs:
         dump_fla_configs(Path(args.dump_fla_configs))
