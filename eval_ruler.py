@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 import dash
 import ruler
-# Only for small_model/train.py, study.py and their test, which still read these from here (er.make_samples, ...):
+# Only for small_model/train.py, study.py and the tests that still read these from here (er.make_samples, ...):
 from ruler import (DEFAULT_TASKS, NEEDLE, NIAH_TASKS, NOISE, TASKS, TEMPLATES, WORDS, answer_text,  # noqa: F401
-                   build_prompt, make_samples, run_tasks, score, table)
+                   build_prompt, generate, make_samples, run_tasks, score, table)
 
 # Published placements for Qwen2.5-3B-Instruct (36 layers, 0-indexed), taken as data.
 # Jet-Nemotron-4B (Gu et al. 2025, PostNAS): full attention in 3 layers, sliding-window attention in 7.
@@ -112,9 +112,11 @@ class EvalConfig:
 
 
 def wanted(spec: str):
-    """--baselines as a test `want(name)`: 'all', 'none', or names (a family name keeps its members)."""
+    """--baselines as a test `want(name)`: 'all', 'none', or names; a name's first word keeps every selector
+    that starts with it ('random': random-0, random-1, ...; 'hd': every hd-<selector>; 'first': first-K)."""
     names = {"all": [], "none": []}.get(spec, spec.split(","))
-    unknown = [n for n in names if n not in SELECTORS and n.split("-")[0] not in ("random", "hd")]
+    known = set(SELECTORS) | {n.split("-")[0] for n in SELECTORS} | {f"hd-{s}" for s in HYBRID_DISTILLATION}
+    unknown = [n for n in names if n not in known and not re.fullmatch(r"random-\d+", n)]
     if unknown:
         raise ValueError(f"--baselines: unknown {', '.join(unknown)}; allowed: all, none, {', '.join(SELECTORS)}")
     return lambda name: spec == "all" or name in names or name.split("-")[0] in names

@@ -121,8 +121,11 @@ def test_probe_selectors_run_only_when_asked(small, monkeypatch):
     out = er.placements(model, tok, arch, ecfg, None, {}, None, ["swa"] * 8, 512)
     assert list(out) == ["uniform", "last-K", "random-0", "random-1"] and out["last-K"] == {6: "full", 7: "full"}
     assert er.placements(model, tok, arch, er.EvalConfig(baselines="none"), None, {}, None, ["swa"] * 8, 512) == {}
-    with pytest.raises(ValueError, match="--baselines: unknown nope; allowed: all, none, uniform"):
-        er.wanted("uniform,nope")
+    want = er.wanted("first,hd-ar,random-1")  # a first word keeps its family
+    assert [n for n in ["first-K", "hd-ar", "hd-mse", "random-0", "random-1", "last-K"] if want(n)] == \
+        ["first-K", "hd-ar", "random-1"]
+    with pytest.raises(ValueError, match="--baselines: unknown nope, hd-nope; allowed: all, none, uniform"):
+        er.wanted("uniform,nope,hd-nope")
 
 
 # ---- the CLI: haystacks, the default prose, results.json ----
