@@ -7,7 +7,7 @@ A port of NVIDIA/RULER @ c3f5e3b:
 - scripts/data/synthetic/{niah,variable_tracking,common_words_extraction,freq_words_extraction,qa}.py: the
   sample makers, their haystacks, needles, word pools and length search;
 - scripts/data/template.py and prepare.py:101: the model template around the task template, counted in the
-  length (`template`: base or the tokenizer's chat template);
+  length as niah.py:268 counts it (`template`: base, or the tokenizer's chat template);
 - scripts/eval/synthetic/constants.py and evaluate.py: postprocessing, string_match_all/part;
 - README.md's table: the score at a length is the mean over the tasks, 'Avg.' the mean over the lengths.
 
@@ -19,7 +19,7 @@ Haystacks (`haystack=`): RULER's essay tasks (niah_single_2/3, niah_multikey_1, 
 niah_multiquery) search Paul Graham's essays (RULER downloads them: scripts/data/synthetic/json/
 download_paulgraham_essay.py). Pass that text, as a file or a folder of .txt files, for published comparability.
 By default they search data/factbook_prose.txt.gz, 0.86 MB of public-domain English prose (CIA World Factbook,
-see data/README.md), enough for ~190k tokens before it repeats; "noise" gives the noise sentence.
+see data/README.md), roughly 190k tokens before it repeats; "noise" gives the noise sentence.
 Words: the wonderwords package's noun, adjective and verb lists, as RULER loads them.
 
 Deviations from RULER, each small and deliberate:
@@ -119,7 +119,7 @@ NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. The
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 DEPTHS = [round(100 * i / 39) for i in range(40)]  # RULER: np.round(np.linspace(0, 100, 40)), needle depths in %
 
-# ---- words: wonderwords' lists, loaded as RULER loads them (niah.py:97, common_words_extraction.py:73) ----
+# ---- words: wonderwords' lists, loaded as RULER loads them (niah.py:97, common_words_extraction.py:72) ----
 
 
 def _wonderwords(name: str) -> list[str]:
@@ -598,7 +598,7 @@ def score(task: str, preds: list[str], refs: list[list[str]], stop: Sequence[str
     return METRICS[_task_config(task)["task"]]([postprocess_pred(p, stop) for p in preds], refs)
 
 
-# ---- running a model: greedy generation, as RULER's pred/call_api.py with temperature 0 ----
+# ---- running a model: greedy generation (RULER: scripts/config_models.sh, TEMPERATURE="0.0" # greedy) ----
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
     """Greedy continuations of `prompts` by an HF causal LM, with its cache, batched with left padding.

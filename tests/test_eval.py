@@ -136,8 +136,9 @@ def arch_file(tiny_dir, text_file, tmp_path_factory) -> Path:
     from safetensors.torch import save_file
     folder = tmp_path_factory.mktemp("arch")
     save_file({}, folder / "candidates.safetensors")
-    arch = dict(model=str(tiny_dir), config=asdict(tiny_cfg(tiny_dir, text_file)), layers=["swa", "full", "swa", "swa"],
-                full_layers=[1], k=1, candidates=["full", "swa"], candidate_cache=str(folder / "candidates.safetensors"))
+    arch = dict(model=str(tiny_dir), config=asdict(tiny_cfg(tiny_dir, text_file)), k=1, full_layers=[1],
+                layers=["swa", "full", "swa", "swa"], candidates=["full", "swa"],
+                candidate_cache=str(folder / "candidates.safetensors"))
     (folder / "arch.json").write_text(json.dumps(arch))
     return folder / "arch.json"
 
