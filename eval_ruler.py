@@ -213,9 +213,9 @@ AR_PAIRS, AR_NEW_TOKENS = 50, 200  # evaluate_layer_importance.py: --num_pairs d
 
 
 def ar_prompts(tokenizer, n: int, seed: int, pairs: int = AR_PAIRS) -> list[tuple[str, str]]:
-    """hybrid-distillation's key-value sum prompts (create_ar_dataset in layer_selection/
-    evaluate_layer_importance.py): `pairs` alphabetic vocabulary words as keys, values 0-9, and the question
-    for the sum of three keys' values. Returns (prompt, answer) pairs."""
+    """hybrid-distillation's key-value sum prompts (fla-org/hybrid-distillation @ d7467e3, create_ar_dataset in
+    layer_selection/evaluate_layer_importance.py): `pairs` alphabetic vocabulary words as keys, values 0-9, and
+    the question for the sum of three keys' values. Returns (prompt, answer) pairs."""
     vocab = sorted({w for w in (tokenizer.decode([i]).strip() for i in tokenizer.get_vocab().values())
                     if re.fullmatch(r"[a-zA-Z]{3,}", w)})
     if len(vocab) < pairs:
@@ -269,10 +269,10 @@ def next_token_accuracy(model, ids: torch.Tensor) -> float:
 
 def halo_scores(model, tokenizer, probes: list[dict], text: torch.Tensor, fill: list[str], weights: dict,
                 cfg) -> list[float]:
-    """HALO's layer score (thunlp/hybrid-linear-attention, attn-layer-selection/layer_analysis.py, combine() in
-    mode 'halo'): convert one layer (here: to its fill operator, the prepared cheap candidate), measure retrieval
-    (rt) and commonsense (cs); score = (max rt - rt) / (max cs - cs + 1e-10), capped at 50, the maxima taken over
-    the converted models as there (halo_combine). HALO's retrieval is lm-eval's ruler_qa_squad, fda and swde, its
+    """HALO's layer score (thunlp/hybrid-linear-attention @ 229e301, attn-layer-selection/layer_analysis.py,
+    combine() in mode 'halo'): convert one layer (here: to its fill operator, the prepared cheap candidate),
+    measure retrieval (rt) and commonsense (cs); score = (max rt - rt) / (max cs - cs + 1e-10), capped at 50, the
+    maxima taken over the converted models as there (halo_combine). HALO's retrieval is lm-eval's ruler_qa_squad, fda and swde, its
     commonsense HellaSwag and ARC; at this scale retrieval is the answer-token accuracy on the needle probes
     and commonsense the next-token accuracy on the search data (`text`)."""
     L = len(model.model.layers)
