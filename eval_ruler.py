@@ -272,9 +272,9 @@ def halo_scores(model, tokenizer, probes: list[dict], text: torch.Tensor, fill: 
     """HALO's layer score (thunlp/hybrid-linear-attention @ 229e301, attn-layer-selection/layer_analysis.py,
     combine() in mode 'halo'): convert one layer (here: to its fill operator, the prepared cheap candidate),
     measure retrieval (rt) and commonsense (cs); score = (max rt - rt) / (max cs - cs + 1e-10), capped at 50, the
-    maxima taken over the converted models as there (halo_combine). HALO's retrieval is lm-eval's ruler_qa_squad, fda and swde, its
-    commonsense HellaSwag and ARC; at this scale retrieval is the answer-token accuracy on the needle probes
-    and commonsense the next-token accuracy on the search data (`text`)."""
+    maxima taken over the converted models as there (halo_combine). HALO's retrieval is lm-eval's
+    ruler_qa_squad, fda and swde, its commonsense HellaSwag and ARC; at this scale retrieval is the answer-token
+    accuracy on the needle probes and commonsense the next-token accuracy on the search data (`text`)."""
     L = len(model.model.layers)
     rt, cs = [], []
     for l in tqdm(range(L), desc="halo", leave=False):
