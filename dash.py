@@ -39,6 +39,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+import ruler  # the RULER port: the closing retrieval check (it imports nothing of dash)
+
 HERE = Path(__file__).resolve().parent
 SMALL_MODEL = HERE / "small_model"  # the small pretrained teacher that ships with the project
 C4_SHARD = "hub:allenai/c4/en/c4-train.00000-of-01024.json.gz"  # ~356k English web documents, ~170M tokens
@@ -1467,6 +1469,22 @@ def build_hybrid(arch: dict | str, model=None, state: dict | None = None, cfg: C
         state = candidates_for(model, arch, cfg)
     return make_hybrid(model, arch["layers"], state, cfg), tokenizer
 
+def retrieval_check(model, tokenizer, arch: dict, state: dict, cfg: Config, haystack=None,
+                    batch_size: int = 8) -> dict:
+    """The search's closing check: the hybrid against the teacher on RULER's needle tasks at the search length
+    (haystack: ruler.load_haystack's; default, the shipped prose)."""
+    tasks = ["niah_single_1", "niah_single_2", "niah_multikey_1", "niah_multivalue"]
+    hay = ruler.load_haystack(haystack)
+    samples = {f"{t}@{cfg.seq_len}": ruler.make_samples(t, tokenizer, cfg.seq_len, cfg.check_samples, seed=1,
+                                                        haystack=hay) for t in tasks}
+    teacher = ruler.run_tasks(restore_teacher(model), tokenizer, samples, batch_size, "teacher")
+    hybrid = ruler.run_tasks(make_hybrid(model, arch["layers"], state, cfg), tokenizer, samples, batch_size, "hybrid")
+    restore_teacher(model)
+    print(ruler.table({"teacher": teacher, "hybrid": hybrid},
+                      f"retrieval check: RULER needles at {cfg.seq_len} tokens (essay haystack: {hay.name}), "
+                      f"{cfg.check_samples} samples per task"))
+    return dict(teacher=teacher, hybrid=hybrid)
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -1561,8 +1579,7 @@ def run(cfg: Config) -> dict:
     print(f"full attention in layers {arch['full_layers']}; architecture: {' '.join(arch['layers'])}")
     print(f"wrote {out / 'arch.json'} ({arch['tokens']:,} tokens, {arch['wall_time_s']} s)")
     if cfg.check_samples:
-        import eval_ruler
-        arch["retrieval_check"] = eval_ruler.retrieval_check(model, tokenizer, arch, state, cfg)
+        arch["retrieval_check"] = retrieval_check(model, tokenizer, arch, state, cfg)
         (out / "arch.json").write_text(json.dumps(arch, indent=1))
     return arch
 

@@ -1,519 +1,28 @@
-"""RULER's synthetic long-context tasks (Hsieh et al. 2024), generated locally, and RULER's metrics.
+"""The RULER harness: a DASH hybrid against its teacher and against selector baselines that keep the same number
+of full-attention layers (K) with the same prepared candidates, plus what the hybrid saves at inference (CUDA).
+RULER itself (tasks, haystacks, metrics, averages) is ruler.py; this file picks layers, builds models and runs.
 
-A port of NVIDIA/RULER (scripts/synthetic.yaml, scripts/data/synthetic/*.py, scripts/eval/synthetic/
-constants.py and evaluate.py): the same task configs, templates, answer prefixes, needle formats, haystack
-construction, length search and string-match metrics, with nothing downloaded:
-- haystacks: RULER's repeated noise sentences; its Paul Graham essays are replaced by any local text corpus
-  passed as `haystack` (without one, the essay tasks use the noise haystack, with a warning);
-- words: RULER's wonderwords lists are replaced by the short ruler_words.txt beside this file;
-- numbers, words and uuids come from a seeded `random.Random`, so `seed` fixes every sample.
+    python eval_ruler.py --arch out/arch.json                          # all baselines, the shipped prose haystack
+    python eval_ruler.py --arch out/arch.json --haystack essays/ --template chat --lengths 4096,8192
+    python eval_ruler.py --arch out/arch.json --squad squad.json --hotpotqa hotpotqa.json   # all 13 tasks
 
-    samples = make_samples("niah_single_1", tokenizer, length=4096, n=50, seed=0)
-    preds = [generate(build_prompt(s, tokenizer), s["max_new_tokens"]) for s in samples]
-    score("niah_single_1", preds, [s["outputs"] for s in samples])   # percent, RULER's string_match_all
-
-Deviations from RULER, each small and deliberate:
-- each sample has its own seed ("{task}/{seed}/{i}"), so a sample does not depend on the length search;
-- a sample that comes out too long is regenerated 1% smaller (RULER steps 500 essay words or 25 noise
-  sentences, which overshoots badly at short lengths); FWE bisects its word count like the other tasks;
-- the needle keys of one sample are distinct (a repeated key would make the question ambiguous);
-- sentences are split by a regex instead of nltk's punkt;
-- the variable-tracking few-shot example gets at most half the prompt budget (RULER's 500 tokens leave no
-  room for the question below ~1K tokens);
-- CWE falls back to adjective-noun words when it needs more words than ruler_words.txt has (RULER: an
-  English dictionary);
-- `length` counts the tokens of input + answer_prefix; RULER's `length` also adds tokens_to_generate.
+Sections: config, selectors (which K layers keep full attention), inference speed, the run.
 """
 
 import json
 import math
 import random
 import re
-import string
 import time
-import uuid
-import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 import dash
-
-# ---- task configs: RULER's scripts/synthetic.yaml ----
-
-_NIAH = dict(task="niah", type_haystack="essay", type_needle_k="words", type_needle_v="numbers",
-             num_needle_k=1, num_needle_v=1, num_needle_q=1)
-TASKS: dict[str, dict] = {
-    "niah_single_1": {**_NIAH, "type_haystack": "noise"},
-    "niah_single_2": {**_NIAH},
-    "niah_single_3": {**_NIAH, "type_needle_v": "uuids"},
-    "niah_multikey_1": {**_NIAH, "num_needle_k": 4},
-    "niah_multikey_2": {**_NIAH, "type_haystack": "needle"},
-    "niah_multikey_3": {**_NIAH, "type_haystack": "needle", "type_needle_k": "uuids", "type_needle_v": "uuids"},
-    "niah_multivalue": {**_NIAH, "num_needle_v": 4},
-    "niah_multiquery": {**_NIAH, "num_needle_q": 4},
-    "vt": dict(task="variable_tracking", type_haystack="noise", num_chains=1, num_hops=4),
-    "cwe": dict(task="common_words_extraction", freq_cw=30, freq_ucw=3, num_cw=10),
-    "fwe": dict(task="freq_words_extraction", alpha=2.0),
-    "qa_1": dict(task="qa", dataset="squad"),
-    "qa_2": dict(task="qa", dataset="hotpotqa"),
-}
-NIAH_TASKS: list[str] = [t for t, c in TASKS.items() if c["task"] == "niah"]
-DEFAULT_TASKS: list[str] = [t for t, c in TASKS.items() if c["task"] != "qa"]  # qa needs the user's json files
-
-# ---- templates: RULER's scripts/data/synthetic/constants.py (the base-model format: input + answer_prefix) ----
-
-TEMPLATES: dict[str, dict] = {
-    "niah": dict(
-        tokens_to_generate=128,
-        template="Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize "
-                 "it. I will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all the special "
-                 "magic {type_needle_v} for {query} mentioned in the provided text?",
-        answer_prefix=" The special magic {type_needle_v} for {query} mentioned in the provided text are"),
-    "variable_tracking": dict(
-        tokens_to_generate=30,
-        template="Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
-                 "{context}\nQuestion: Find all variables that are assigned the value {query} in the text above.",
-        answer_prefix=" Answer: According to the chain(s) of variable assignment in the text above, {num_v} "
-                      "variables are assigned the value {query}, they are: "),
-    "common_words_extraction": dict(
-        tokens_to_generate=120,
-        template="Below is a numbered list of words. In these words, some appear more often than others. "
-                 "Memorize the ones that appear most often.\n{context}\nQuestion: What are the 10 most common "
-                 "words in the above list?",
-        answer_prefix=" Answer: The top 10 words that appear most often in the list are:"),
-    "freq_words_extraction": dict(
-        tokens_to_generate=50,
-        template="Read the following coded text and track the frequency of each coded word. Find the three most "
-                 "frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. Please "
-                 "ignore the dots '....'. What are the three most frequently appeared words in the above coded "
-                 "text?",
-        answer_prefix=" Answer: According to the coded text above, the three most frequently appeared words are:"),
-    "qa": dict(
-        tokens_to_generate=32,
-        template="Answer the question based on the given documents. Only give me the answer and do not output any "
-                 "other words.\n\nThe following are given documents.\n\n{context}\n\nAnswer the question based "
-                 "on the given documents. Only give me the answer and do not output any other words.\n\nQuestion: "
-                 "{query}",
-        answer_prefix=" Answer:"),
-}
-
-NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
-DEPTHS = [round(100 * i / 39) for i in range(40)]  # RULER: np.round(np.linspace(0, 100, 40)), needle depths in %
-
-
-def _load_words(path: Path = Path(__file__).with_name("ruler_words.txt")) -> dict[str, list[str]]:
-    sections: dict[str, list[str]] = {}
-    name = None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line.startswith("["):
-            name = line.strip("[]")
-            sections[name] = []
-        elif line and not line.startswith("#"):
-            sections[name] += line.split()
-    return sections
-
-
-WORDS = _load_words()
-CWE_WORDS = sorted(set(WORDS["nouns"] + WORDS["adjectives"] + WORDS["verbs"]))  # RULER: nouns + adjs + verbs
-
-
-def _task_config(task: str) -> dict:
-    if task not in TASKS:
-        raise ValueError(f"unknown RULER task {task!r}; allowed: {', '.join(TASKS)}")
-    return TASKS[task]
-
-
-def count_tokens(tokenizer, text: str) -> int:
-    """Tokens of `text` without special tokens, for an HF tokenizer or a bare `tokenizers.Tokenizer`."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return len(getattr(ids, "ids", ids))  # tokenizers.Encoding has .ids, HF tokenizers return a list
-
-
-# ---- random draws ----
-
-def _draw(kind: str, rng: random.Random) -> str:
-    if kind == "numbers":
-        return str(rng.randint(10**6, 10**7 - 1))  # 7 digits, as RULER
-    if kind == "words":
-        return f"{rng.choice(WORDS['adjectives'])}-{rng.choice(WORDS['nouns'])}"
-    if kind == "uuids":
-        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-    raise ValueError(f"unknown needle type {kind!r}; allowed: numbers, words, uuids")
-
-
-def _distinct(kind: str, n: int, rng: random.Random, taken: set[str] | None = None) -> list[str]:
-    """n draws of `kind`, distinct from each other and from `taken` (which is updated)."""
-    taken = set() if taken is None else taken
-    out = []
-    while len(out) < n:
-        x = _draw(kind, rng)
-        if x not in taken:
-            taken.add(x)
-            out.append(x)
-    return out
-
-
-# ---- haystacks ----
-
-def _essay_words(haystack: list[str] | str | Path | None) -> list[str] | None:
-    """The corpus as RULER's word list (whitespace-collapsed, split on spaces); None means: use noise."""
-    if haystack is None:
-        warnings.warn("no essay haystack given: RULER's essay tasks (niah_single_2, ...) use the noise "
-                      "haystack instead; pass haystack=[texts] or a text file for essay-like context")
-        return None
-    if isinstance(haystack, (str, Path)):
-        if not Path(haystack).is_file():
-            raise ValueError(f"haystack must be a list of texts or a text file; no file at {str(haystack)!r}")
-        haystack = [Path(haystack).read_text(encoding="utf-8")]
-    words = re.sub(r"\s+", " ", " ".join(haystack)).strip().split(" ")
-    if words == [""]:
-        raise ValueError("the haystack corpus is empty")
-    return words
-
-
-def _essay_with_inserts(words: list[str], size: int, inserts: list[str], rng: random.Random) -> str:
-    """First `size` corpus words (the corpus repeated if short), `inserts` placed between sentences at
-    random depths, as RULER's essay haystack."""
-    text = " ".join(words[i % len(words)] for i in range(size))
-    sents = re.split(r"(?<=[.!?])\s+", text)  # stands in for nltk.sent_tokenize
-    cuts = [0] + sorted(int(len(sents) * d / 100) for d in rng.sample(DEPTHS, len(inserts))) + [len(sents)]
-    parts = []
-    for i in range(1, len(cuts)):
-        parts.append(" ".join(sents[cuts[i - 1]:cuts[i]]))
-        if i - 1 < len(inserts):
-            parts.append(inserts[i - 1])
-    return " ".join(parts)
-
-
-def _lines_with_inserts(lines: list[str], inserts: list[str], rng: random.Random) -> str:
-    """RULER's noise haystack: one insert at each of len(inserts) random line positions, '\n'-joined."""
-    for index, insert in zip(sorted(rng.sample(range(len(lines)), len(inserts)), reverse=True), inserts):
-        lines.insert(index, insert)
-    return "\n".join(lines)
-
-
-# ---- generators: gen(size, rng, i) -> (input, answer_prefix, outputs); `size` is the haystack size ----
-
-def _niah(size: int, rng: random.Random, i: int, cfg: dict, words: list[str] | None, seed: int):
-    t = TEMPLATES["niah"]
-    kind_v = cfg["type_needle_v"]
-    taken: set[str] = set()
-    keys = _distinct(cfg["type_needle_k"], max(cfg["num_needle_k"], cfg["num_needle_q"]), rng, taken)
-    values = [[_draw(kind_v, rng) for _ in range(cfg["num_needle_v"])] for _ in keys]
-    needles = [NEEDLE.format(type_needle_v=kind_v, key=k, value=v) for k, vs in zip(keys, values) for v in vs]
-    random.Random(seed).shuffle(needles)  # RULER shuffles with its fixed seed
-    if cfg["type_haystack"] == "essay" and words is not None:
-        context = _essay_with_inserts(words, size, needles, rng)
-    elif cfg["type_haystack"] == "needle":  # distractor needles with other keys
-        lines = [NEEDLE.format(type_needle_v=kind_v, key=k, value=_draw(kind_v, rng))
-                 for k in _distinct(cfg["type_needle_k"], size, rng, taken)]
-        context = _lines_with_inserts(lines, needles, rng)
-    else:
-        context = _lines_with_inserts([NOISE] * size, needles, rng)
-    picks = rng.sample(range(len(keys)), cfg["num_needle_q"])
-    queries = [keys[j] for j in picks]
-    outputs = [v for j in picks for v in values[j]]
-    query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
-    template, prefix = t["template"], t["answer_prefix"]
-    if cfg["num_needle_q"] * cfg["num_needle_v"] == 1:  # RULER's singular wording for a single answer
-        template, prefix = [s.replace("Some", "A").replace("are all", "is").replace("are", "is")
-                            .replace("answers", "answer") for s in (template, prefix)]
-        kind_v = kind_v[:-1]
-    fill = dict(type_needle_v=kind_v, context=context, query=query)
-    return template.format(**fill), prefix.format(**fill), outputs
-
-
-def _vt_chains(rng: random.Random, num_chains: int, num_hops: int, is_icl: bool):
-    """RULER's variable chains: VAR X1 = 12345, VAR X2 = VAR X1, ... (names distinct, never 'VAR')."""
-    k = 3 if is_icl else 5
-    names: list[str] = []
-    while len(names) < num_chains * (num_hops + 1):
-        name = "".join(rng.choices(string.ascii_uppercase, k=k))
-        if name not in names and name != "VAR":  # 'VAR' would be clobbered by the few-shot renaming
-            names.append(name)
-    chains, groups = [], []
-    for c in range(num_chains):
-        v = names[c * (num_hops + 1):(c + 1) * (num_hops + 1)]
-        value = "12345" if is_icl else str(rng.randint(10000, 99998))
-        chains.append([f"VAR {v[0]} = {value}"] + [f"VAR {v[j + 1]} = VAR {v[j]} " for j in range(num_hops)])
-        groups.append(v)
-    return groups, chains
-
-
-def _vt(size: int, rng: random.Random, i: int, cfg: dict, words: list[str] | None, icl: str | None):
-    t = TEMPLATES["variable_tracking"]
-    hops = cfg["num_hops"]
-    groups, chains = _vt_chains(rng, cfg["num_chains"], hops, is_icl=icl is None)
-    value = chains[0][0].split("=")[-1].strip()
-    if cfg["type_haystack"] == "essay" and words is not None:
-        flat = _interleave(chains, rng)
-        context = _essay_with_inserts(words, size, [c.strip() + "." for c in flat], rng)
-    else:
-        lines = [NOISE] * size
-        for chain in chains:  # keep each chain in order, at random positions
-            for j, pos in enumerate(sorted(rng.sample(range(len(lines)), len(chain)))):
-                lines.insert(pos + j, chain[j])
-        context = "\n".join(lines)
-    context = context.replace(". \n", ".\n")
-    fill = dict(context=context, query=value, num_v=hops + 1)
-    text = t["template"].format(**fill)
-    if icl is not None:  # RULER's one-shot example, renamed afresh for every sample
-        targets = icl.strip().split()[-(hops + 1):]
-        for name in targets:
-            icl = icl.replace(name, "".join(rng.choices(string.ascii_uppercase, k=len(name))))
-        text = icl.replace("12345", str(rng.randint(10000, 99998))) + "\n" + text
-    return text, t["answer_prefix"].format(**fill), groups[0]
-
-
-def _interleave(chains: list[list[str]], rng: random.Random) -> list[str]:
-    """RULER's shuffle_sublists_heap: merge the chains in random order, each chain's order kept."""
-    pos = [0] * len(chains)
-    out = []
-    while any(p < len(c) for p, c in zip(pos, chains)):
-        j = rng.choice([j for j, c in enumerate(chains) if pos[j] < len(c)])
-        out.append(chains[j][pos[j]])
-        pos[j] += 1
-    return out
-
-
-def _cwe(size: int, rng: random.Random, i: int, cfg: dict, length: int, seed: int):
-    t = TEMPLATES["common_words_extraction"]
-    num_cw = cfg["num_cw"]
-
-    def example(num_words: int, cw_repeats: int, ucw_repeats: int) -> tuple[str, list[str]]:
-        if num_words <= len(CWE_WORDS):
-            words = rng.sample(CWE_WORDS, num_words)
-        else:  # RULER switches to a larger English word list here
-            words = _distinct("words", num_words, rng)
-        common, uncommon = words[:num_cw], words[num_cw:]
-        word_list = common * cw_repeats + uncommon * ucw_repeats
-        random.Random(seed).shuffle(word_list)  # RULER shuffles with its fixed seed
-        return " ".join(f"{j + 1}. {w}" for j, w in enumerate(word_list)), common
-
-    if length < 4096:  # RULER: fewer repeats below 4K tokens
-        shot, (context, outputs) = example(20, 3, 1), example(size, 6, 1)
-    else:
-        shot, (context, outputs) = example(40, 10, 3), example(size, cfg["freq_cw"], cfg["freq_ucw"])
-    shot_text = (t["template"] + t["answer_prefix"]).format(context=shot[0], query="") + " " + \
-        " ".join(f"{j + 1}. {w}" for j, w in enumerate(shot[1]))
-    return shot_text + "\n" + t["template"].format(context=context, query=""), t["answer_prefix"], outputs
-
-
-def _zeta(s: float, n: int = 1000) -> float:
-    """Riemann zeta(s), s > 1, by Euler-Maclaurin (RULER uses scipy.special.zeta). _zeta(2) = pi^2/6."""
-    return sum(k ** -s for k in range(1, n)) + n ** (1 - s) / (s - 1) + 0.5 * n ** -s + s * n ** (-s - 1) / 12
-
-
-def _fwe(size: int, rng: random.Random, i: int, cfg: dict, vocab_size: int, seed: int):
-    t = TEMPLATES["freq_words_extraction"]
-    vocab: set[str] = set()
-    while len(vocab) < vocab_size:
-        vocab.add("".join(rng.choices(string.ascii_lowercase, k=6)))
-    vocab = sorted(vocab)
-    random.Random(seed).shuffle(vocab)  # RULER shuffles with its fixed seed
-    vocab[0] = "..."  # the most frequent "word" is noise
-    z = _zeta(cfg["alpha"])
-    counts = [int(size * k ** -cfg["alpha"] / z) for k in range(1, len(vocab) + 1)]  # Zipf counts
-    words = [w for w, c in zip(vocab, counts) for _ in range(c)]
-    random.Random(seed).shuffle(words)
-    if counts[3] < 1 or counts[3] == counts[4]:
-        raise ValueError(f"fwe: {size} words are too few for a well-defined top 3; use a longer length")
-    return t["template"].format(context=" ".join(words), query=""), t["answer_prefix"], vocab[1:4]
-
-
-def _read_qa(path: str, dataset: str) -> tuple[list[dict], list[str]]:
-    """RULER's read_squad / read_hotpotqa: questions with the indices of their gold documents."""
-    with open(path) as f:
-        data = json.load(f)
-    if dataset == "squad":
-        docs = sorted({p["context"] for d in data["data"] for p in d["paragraphs"]})
-        index = {c: j for j, c in enumerate(docs)}
-        qas = []
-        for d in data["data"]:
-            more = [index[p["context"]] for p in d["paragraphs"]]
-            for p in d["paragraphs"]:
-                for qa in p["qas"]:
-                    if not qa["is_impossible"]:
-                        qas.append(dict(query=qa["question"], outputs=[a["text"] for a in qa["answers"]],
-                                        context=[index[p["context"]]],
-                                        more_context=[j for j in more if j != index[p["context"]]]))
-        return qas, docs
-    docs = sorted({f"{t}\n{''.join(p)}" for d in data for t, p in d["context"]})
-    index = {c: j for j, c in enumerate(docs)}
-    qas = [dict(query=d["question"], outputs=[d["answer"]],
-                context=[index[f"{t}\n{''.join(p)}"] for t, p in d["context"]]) for d in data]
-    return qas, docs
-
-
-def _qa(size: int, rng: random.Random, i: int, qas: list[dict], docs: list[str], seed: int):
-    t = TEMPLATES["qa"]
-    qa = qas[i % len(qas)]  # RULER takes the questions in file order
-    gold, more = qa["context"], qa.get("more_context", [])
-    if size < len(docs):
-        if size - len(gold) > len(more):
-            rest = sorted(set(range(len(docs))) - set(gold) - set(more))
-            picked = gold + more + rng.sample(rest, size - len(gold) - len(more))
-        else:
-            picked = gold + rng.sample(more, size - len(gold))
-        chosen = [docs[j] for j in picked]
-    else:
-        chosen = [docs[j % len(docs)] for j in range(size)]
-    random.Random(seed).shuffle(chosen)  # RULER shuffles with its fixed seed
-    context = "\n\n".join(f"Document {j + 1}:\n{d}" for j, d in enumerate(chosen))
-    return t["template"].format(context=context, query=qa["query"]), t["answer_prefix"], qa["outputs"]
-
-
-# ---- sample generation ----
-
-def _fit(render: Callable[[int], str], budget: int, count: Callable[[str], int], min_size: int, task: str) -> int:
-    """Largest haystack size whose prompt fits `budget` tokens: RULER's bisection, bracketed by doubling
-    (RULER brackets with 3x a probe's tokens-per-unit, which undershoots when the probe is small)."""
-    fits = lambda size: count(render(size)) <= budget
-    if not fits(min_size):
-        raise ValueError(f"{task}: a {budget}-token prompt budget is too small: the smallest haystack "
-                         f"({min_size}) already needs {count(render(min_size))} tokens; use a longer length")
-    lo, hi = min_size, 2 * min_size  # invariant once bracketed: lo fits, hi does not
-    while fits(hi):
-        lo, hi = hi, 2 * hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
-
-
-def make_samples(task: str, tokenizer, length: int, n: int, seed: int = 0,
-                 haystack: list[str] | str | Path | None = None, qa_file: str | None = None) -> list[dict]:
-    """`n` samples of a RULER task whose prompts (input + answer_prefix) fit `length` tokens minus the
-    task's tokens_to_generate, measured with `tokenizer`. Deterministic for a seed.
-
-    haystack: the essay corpus for essay tasks (a list of texts or a text file); None: noise.
-    qa_file: SQuAD (qa_1) or HotpotQA (qa_2) json in RULER's format; without it qa returns [] and warns.
-    Each sample: task, index, input, answer_prefix, outputs, length, max_new_tokens. Raises ValueError for an
-    unknown task or a length too short for the task.
-    """
-    cfg = _task_config(task)
-    family = cfg["task"]
-    max_new = TEMPLATES[family]["tokens_to_generate"]
-    budget = length - max_new
-    count = partial(count_tokens, tokenizer)
-    words = _essay_words(haystack) if cfg.get("type_haystack") == "essay" else None
-    if family == "niah":
-        gen = partial(_niah, cfg=cfg, words=words, seed=seed)
-        min_size = max(cfg["num_needle_k"], cfg["num_needle_q"]) * cfg["num_needle_v"]  # a line per needle
-    elif family == "variable_tracking":
-        min_size = cfg["num_hops"] + 1  # noise lines to host one chain
-        shot = partial(_vt, cfg=cfg, words=words, icl=None)  # RULER's one-shot example, fit to <= 500 tokens
-        render = lambda size: "".join(shot(size, random.Random(f"{task}/{seed}/shot"), 0)[:2])
-        icl_size = _fit(render, min(500, budget // 2), count, min_size, task)
-        inp, prefix, outs = shot(icl_size, random.Random(f"{task}/{seed}/shot"), 0)
-        gen = partial(_vt, cfg=cfg, words=words, icl=inp + prefix + " " + " ".join(outs) + "\n")
-    elif family == "common_words_extraction":
-        gen, min_size = partial(_cwe, cfg=cfg, length=length, seed=seed), cfg["num_cw"] + 1
-    elif family == "freq_words_extraction":
-        gen = partial(_fwe, cfg=cfg, vocab_size=max(budget // 50, 5), seed=seed)  # RULER: budget // 50
-        min_size = 64
-    else:  # qa
-        if qa_file is None:
-            warnings.warn(f"{task} skipped: it needs RULER's {cfg['dataset']} json, pass qa_file=PATH")
-            return []
-        qas, docs = _read_qa(qa_file, cfg["dataset"])
-        gen = partial(_qa, qas=qas, docs=docs, seed=seed)
-        min_size = max(len(q["context"]) for q in qas[:max(n, 1)])
-    render = lambda size: "".join(gen(size, random.Random(f"{task}/{seed}/probe"), 0)[:2])
-    size = _fit(render, budget, count, min_size, task)
-
-    samples = []
-    for i in range(n):
-        s = size
-        while True:  # the probe fit; a sample with longer draws may not, so shrink it by 1% steps
-            inp, prefix, outs = gen(s, random.Random(f"{task}/{seed}/{i}"), i)
-            m = count(inp + prefix)
-            if m <= budget:
-                break
-            s -= max(1, size // 100)
-            if s < min_size:
-                raise ValueError(f"{task}: sample {i} does not fit {budget} tokens; use a longer length")
-        samples.append(dict(task=task, index=i, input=inp, answer_prefix=prefix, outputs=list(outs),
-                            length=m, max_new_tokens=max_new))
-    return samples
-
-
-def build_prompt(sample: dict, tokenizer, chat: bool | None = None) -> str:
-    """The text the model continues: for a chat model (chat=None: the tokenizer has a chat template) the
-    input as one user turn, then the answer prefix; for a base model RULER's 'base' format,
-    input + answer_prefix."""
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    chat = has_template if chat is None else chat
-    if not chat:
-        return sample["input"] + sample["answer_prefix"]
-    if not has_template:
-        raise ValueError("build_prompt(chat=True) needs a tokenizer with a chat template; this one has none")
-    return tokenizer.apply_chat_template([{"role": "user", "content": sample["input"]}], tokenize=False,
-                                         add_generation_prompt=True) + sample["answer_prefix"]
-
-
-def answer_text(sample: dict) -> str:
-    """A reference continuation of the answer prefix, in the form RULER's own few-shot examples answer
-    (vt, cwe); niah answers list the values. For training documents; RULER scores by substring match."""
-    family, outs = _task_config(sample["task"])["task"], sample["outputs"]
-    if family == "niah":
-        return " " + ", ".join(outs) + "."
-    if family == "common_words_extraction":
-        return " " + " ".join(f"{j + 1}. {w}" for j, w in enumerate(outs))
-    return " " + (outs[0] if family == "qa" else " ".join(outs))
-
-
-# ---- metrics: RULER's scripts/eval/synthetic/constants.py and evaluate.py ----
-
-def _check(preds: list[str], refs: list[list[str]]) -> None:
-    if not preds or len(preds) != len(refs):
-        raise ValueError(f"need as many predictions as references, at least one; got {len(preds)} and {len(refs)}")
-
-
-def string_match_all(preds: list[str], refs: list[list[str]]) -> float:
-    """Mean over samples of the fraction of references found in the prediction (case-insensitive), in %."""
-    _check(preds, refs)
-    score = sum(sum(r.lower() in p.lower() for r in ref) / len(ref) for p, ref in zip(preds, refs))
-    return round(score / len(preds) * 100, 2)
-
-
-def string_match_part(preds: list[str], refs: list[list[str]]) -> float:
-    """Mean over samples of 1 if any reference is found in the prediction (case-insensitive), in %."""
-    _check(preds, refs)
-    score = sum(max(r.lower() in p.lower() for r in ref) for p, ref in zip(preds, refs))
-    return round(score / len(preds) * 100, 2)
-
-
-METRICS: dict[str, Callable[[list[str], list[list[str]]], float]] = {
-    "niah": string_match_all, "variable_tracking": string_match_all, "common_words_extraction": string_match_all,
-    "freq_words_extraction": string_match_all, "qa": string_match_part}
-
-
-def postprocess_pred(pred: str, stop: Sequence[str] = ()) -> str:
-    """RULER's postprocessing: cut at stop words (its --stop_words, empty by default), strip, turn control
-    characters into newlines, strip. RULER does not cut at the first newline; neither does this."""
-    for s in stop:
-        pred = pred.split(s)[0]
-    return re.sub(r"[\x00-\x1f]", "\n", pred.strip()).strip()
-
-
-def score(task: str, preds: list[str], refs: list[list[str]], stop: Sequence[str] = ()) -> float:
-    """RULER's score for `task` in %: postprocessed predictions, then string_match_all (niah, vt, cwe, fwe)
-    or string_match_part (qa)."""
-    return METRICS[_task_config(task)["task"]]([postprocess_pred(p, stop) for p in preds], refs)
-
-
-# ---- evaluation ----
-# The hybrid against the teacher and against selector baselines with the same K and the same prepared
-# candidates, on the tasks above, plus what the hybrid saves at inference (CUDA).
-#   python eval_ruler.py --arch out/arch.json            # table for the teacher, the hybrid and every baseline
+import ruler
 
 # Published placements for Qwen2.5-3B-Instruct (36 layers, 0-indexed), taken as data.
 # Jet-Nemotron-4B (Gu et al. 2025, PostNAS): full attention in 3 layers, sliding-window attention in 7.
@@ -548,61 +57,66 @@ HYBRID_DISTILLATION = {
 
 CODES = {"full": "F", "swa": "S", "gla": "G", "gdn": "D"}  # one letter a layer in the tables
 
+# Every baseline --baselines can name; 'random' and 'hd' name families (random-<seed>, hd-<selector>).
+SELECTORS = {
+    "uniform": "evenly spaced from layer 0 (hybrid-distillation's uniform)",
+    "first-K": "the first K layers", "last-K": "the last K layers",
+    "random": "random placements, one per seed (--random-seeds)",
+    "alignment-loss": "the layers whose best cheap operator aligns worst (the preparation report)",
+    "recall-importance": "answer-NLL rise when a layer's attention output is zeroed",
+    "retrieval-score": "the layer's best head's attention on the needle (retrieval heads, Wu et al. 2024)",
+    "ar": "hybrid-distillation's layer_selection/evaluate_layer_importance.py: key-value sum accuracy drop",
+    "nll": "NLL-guided (arXiv 2606.27791): answer-NLL rise when a layer becomes a sliding window",
+    "halo": "HALO's attn-layer-selection/layer_analysis.py: retrieval drop over commonsense drop",
+    "jet-nemotron": "Jet-Nemotron's published placement (Qwen2.5-3B only)",
+    "hd": "hybrid-distillation's published placements, hd-<selector> (Qwen2.5-3B only)",
+}
+
 
 @dataclass
 class EvalConfig:
     arch: str = dash.flag("out/arch.json", "architecture JSON written by dash.py")
     cache: str | None = dash.flag(None, "candidate weights (.safetensors; default: the architecture's candidate_cache)")
-    tasks: str | None = dash.flag(None, "comma-separated RULER tasks (default: all synthetic tasks)")
+    tasks: str | None = dash.flag(None, "comma-separated RULER tasks (default: the 11 synthetic ones, and qa_1 / qa_2 "
+                                       "when --squad / --hotpotqa are given)")
     lengths: str | None = dash.flag(None, "comma-separated context lengths (default: 4096,8192,16384,32768; the "
                                          "search's sequence length for the small model)")
     samples: int = dash.flag(50, "samples per task and length (RULER's default is 500)")
     seed: int = dash.flag(1, "seed of the samples (the small model trained on seed 0's distribution, other draws)")
-    baselines: str = dash.flag("all", "all, none, or a comma-separated subset of the selector names")
+    haystack: str | None = dash.flag(None, "the essay tasks' haystack: a text file or a folder of .txt files (RULER: "
+                                          "Paul Graham's essays); default: the shipped public-domain prose, "
+                                          "data/factbook_prose.txt.gz; 'noise': RULER's noise sentence")
+    template: str = dash.flag("auto", "base (RULER's default), chat (the tokenizer's chat template) or auto (chat "
+                                     "when the tokenizer has one); the template's tokens count in the length")
+    baselines: str = dash.flag("all", "all, none, or a comma-separated subset of: " + ", ".join(SELECTORS))
     random_seeds: int = dash.flag(3, "random placements to average")
-    probes: int = dash.flag(16, "probe samples for the recall-importance and retrieval-score selectors")
+    probes: int = dash.flag(16, "probe samples of the probe-based selectors (recall-importance, retrieval-score, "
+                               "ar, nll, halo)")
     fill: str = dash.flag("best", "operator of the baselines' other layers: best (lowest alignment loss of the "
                                  "layer, from the preparation report) or an operator name")
     batch_size: int = dash.flag(8, "prompts generated together (left-padded)")
-    haystack: str | None = dash.flag(None, "text file(s) for RULER's essay haystacks (default: noise, with a note)")
     squad: str | None = dash.flag(None, "RULER's SQuAD json for qa_1")
     hotpotqa: str | None = dash.flag(None, "RULER's HotpotQA json for qa_2")
+    lm_eval: str | None = dash.flag(None, "comma-separated lm-evaluation-harness tasks to run on the teacher and the "
+                                         "DASH hybrid (needs lm-eval installed)")
     speed: bool = dash.flag(True, "on CUDA, measure prefill, decode, memory and cache of teacher and hybrid")
     out: str = dash.flag("out/ruler", "folder for results.md and results.json")
     device: str = dash.flag("auto", "cuda, cpu or auto")
     dtype: str = dash.flag("auto", "bfloat16, float32 or auto")
     kernels: str = dash.flag("auto", "fla (CUDA only), torch or auto")
 
-
-# -- generation
-
-
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy continuations with caches, batched with left padding (each prompt is a RULER prompt)."""
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    device, out = next(model.parameters()).device, []
-    for i in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            ids = model.generate(**batch.to(device), max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        out += tokenizer.batch_decode(ids[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
-    return out
-
-
-def run_tasks(model, tokenizer, samples: dict, batch_size: int, desc: str) -> dict[str, float]:
-    """Scores (%) per 'task@length' for one model, and their average."""
-    scores = {}
-    for key, ss in tqdm(samples.items(), desc=desc, leave=False):
-        preds = generate(model, tokenizer, [build_prompt(s, tokenizer) for s in ss], ss[0]["max_new_tokens"],
-                         batch_size)
-        scores[key] = score(ss[0]["task"], preds, [s["outputs"] for s in ss])
-    scores["avg"] = round(sum(scores.values()) / len(scores), 2)
-    return scores
-
 # -- selectors: which K layers keep full attention
+
+
+def wanted(spec: str):
+    """--baselines as a test `want(name)`: 'all', 'none', or names; a name's first word keeps every selector
+    that starts with it ('random': random-0, random-1, ...; 'hd': every hd-<selector>; 'first': first-K)."""
+    names = {"all": [], "none": []}.get(spec, spec.split(","))
+    known = set(SELECTORS) | {n.split("-")[0] for n in SELECTORS} | {f"hd-{s}" for s in HYBRID_DISTILLATION}
+    unknown = [n for n in names if n not in known and not re.fullmatch(r"random-\d+", n)]
+    if unknown:
+        raise ValueError(f"--baselines: unknown {', '.join(unknown)}; allowed: all, none, {', '.join(SELECTORS)}")
+    return lambda name: spec == "all" or name in names or name.split("-")[0] in names
 
 
 def uniform(L: int, K: int) -> list[int]:
@@ -612,14 +126,15 @@ def uniform(L: int, K: int) -> list[int]:
 
 
 def top(scores: list[float], K: int) -> list[int]:
+    """The K layers with the highest scores (ties: the lower layer)."""
     return sorted(sorted(range(len(scores)), key=lambda l: -scores[l])[:K])
 
 
 def answer_positions(tokenizer, sample: dict):
     """Token ids of prompt + reference answer, the positions that predict the answer tokens, and the positions
     of the first reference answer inside the context (the needle)."""
-    prompt = build_prompt(sample, tokenizer)
-    full = prompt + answer_text(sample)
+    prompt = ruler.build_prompt(sample, tokenizer)
+    full = prompt + ruler.answer_text(sample)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     n_prompt = len(tokenizer(prompt, add_special_tokens=False).input_ids)
     ids = torch.tensor(enc.input_ids)[None]
@@ -628,22 +143,39 @@ def answer_positions(tokenizer, sample: dict):
     return ids, torch.arange(n_prompt - 1, ids.shape[1] - 1), torch.tensor(needle)
 
 
+def answer_scores(model, tokenizer, probes: list[dict]) -> tuple[float, float]:
+    """Under teacher forcing: the answer tokens' NLL (summed per probe, mean over probes) and the fraction of
+    answer tokens that are the model's greedy prediction."""
+    nll = correct = count = 0.0
+    for s in probes:
+        ids, pos, _ = answer_positions(tokenizer, s)
+        with torch.no_grad():
+            logp = model(input_ids=ids.to(model.device)).logits[0, pos].float().log_softmax(-1)  # (answer, V)
+        target = ids[0, pos + 1].to(model.device)
+        nll -= logp.gather(-1, target[:, None]).sum().item()
+        correct += (logp.argmax(-1) == target).sum().item()
+        count += len(pos)
+    return nll / len(probes), correct / count
+
+
+@contextmanager
+def zeroed(attn):
+    """One layer's attention output set to zero (hybrid-distillation's zero_out_attention_hook)."""
+    hook = attn.register_forward_hook(lambda m, args, out: (torch.zeros_like(out[0]), None))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
 def recall_importance(model, tokenizer, probes: list[dict]) -> list[float]:
-    """Associative-recall importance: how much the teacher's log-likelihood of the recalled values drops when one
-    layer's attention output is zeroed (teacher forcing; a smooth form of the drop in recall accuracy)."""
-    def nll(extra=None):
-        total = 0.0
-        for ids, pos, _ in map(lambda s: answer_positions(tokenizer, s), probes):
-            with torch.no_grad():
-                logp = model(input_ids=ids.to(model.device)).logits[0, pos].float().log_softmax(-1)
-            total -= logp.gather(-1, ids[0, pos + 1, None].to(model.device)).sum().item()
-        return total / len(probes)
-    base, drops = nll(), []
+    """Associative-recall importance: how much the teacher's NLL of the recalled values rises when one layer's
+    attention output is zeroed (a smooth form of the ar selector's accuracy drop)."""
+    base, rises = answer_scores(model, tokenizer, probes)[0], []
     for attn in tqdm(dash.teacher_attention(model), desc="recall importance", leave=False):
-        h = attn.register_forward_hook(lambda m, a, out: (torch.zeros_like(out[0]), None))
-        drops.append(nll() - base)
-        h.remove()
-    return drops
+        with zeroed(attn):
+            rises.append(answer_scores(model, tokenizer, probes)[0] - base)
+    return rises
 
 
 def retrieval_scores(model, tokenizer, probes: list[dict]) -> list[float]:
@@ -674,27 +206,130 @@ def retrieval_scores(model, tokenizer, probes: list[dict]) -> list[float]:
     return total
 
 
-def placements(model, tokenizer, arch: dict, ecfg: EvalConfig, report: dict | None, probe_len: int) -> dict:
-    """Every baseline: name -> {layer: operator} for its full-attention (and, for Jet-Nemotron, window) layers."""
+AR_PAIRS, AR_NEW_TOKENS = 50, 200  # evaluate_layer_importance.py: --num_pairs default, max_new_tokens
+
+
+def ar_prompts(tokenizer, n: int, seed: int, pairs: int = AR_PAIRS) -> list[tuple[str, str]]:
+    """hybrid-distillation's key-value sum prompts (fla-org/hybrid-distillation @ d7467e3, create_ar_dataset in
+    layer_selection/evaluate_layer_importance.py): `pairs` alphabetic vocabulary words as keys, values 0-9, and
+    the question for the sum of three keys' values. Returns (prompt, answer) pairs."""
+    vocab = sorted({w for w in (tokenizer.decode([i]).strip() for i in tokenizer.get_vocab().values())
+                    if re.fullmatch(r"[a-zA-Z]{3,}", w)})
+    if len(vocab) < pairs:
+        raise ValueError(f"ar: the tokenizer has {len(vocab)} alphabetic words of 3+ letters; {pairs} are needed")
+    rng, out = random.Random(seed), []
+    for _ in range(n):
+        keys, values = rng.sample(vocab, pairs), [rng.randint(0, 9) for _ in range(pairs)]
+        q = rng.sample(range(pairs), 3)
+        listing = "\n".join(f"{k}: {v}" for k, v in zip(keys, values))
+        out.append((f"Given the following key-value pairs:\n{listing}\nWhat is the value of {keys[q[0]]} + "
+                    f"{keys[q[1]]} + {keys[q[2]]}?", str(sum(values[j] for j in q))))
+    return out
+
+
+def ar_importance(model, tokenizer, prompts: list[tuple[str, str]], batch_size: int) -> list[float]:
+    """hybrid-distillation's ar selector (run_experiment in evaluate_layer_importance.py): the accuracy drop when
+    one layer's attention output is zeroed; a prompt counts as right when the sum appears anywhere in 200 greedy
+    tokens (its evaluate())."""
+    def accuracy() -> float:
+        preds = ruler.generate(model, tokenizer, [p for p, _ in prompts], AR_NEW_TOKENS, batch_size)
+        return sum(answer in pred for (_, answer), pred in zip(prompts, preds)) / len(prompts)
+    base, drops = accuracy(), []
+    for attn in tqdm(dash.teacher_attention(model), desc="ar", leave=False):
+        with zeroed(attn):
+            drops.append(base - accuracy())
+    return drops
+
+
+def one_converted(model, L: int, layer: int, op: str, weights: dict, cfg):
+    """The teacher with only `layer` running `op` (its prepared weights)."""
+    return dash.make_hybrid(model, [op if l == layer else "full" for l in range(L)], weights, cfg)
+
+
+def nll_rise(model, tokenizer, probes: list[dict], weights: dict, cfg) -> list[float]:
+    """NLL-guided selection (arXiv 2606.27791): the rise in the answer tokens' NLL when one layer's attention
+    becomes a sliding window ('swa', --window tokens)."""
+    L = len(model.model.layers)
+    base, rises = answer_scores(dash.restore_teacher(model), tokenizer, probes)[0], []
+    for l in tqdm(range(L), desc="nll", leave=False):
+        rises.append(answer_scores(one_converted(model, L, l, "swa", weights, cfg), tokenizer, probes)[0] - base)
+    dash.restore_teacher(model)
+    return rises
+
+
+def next_token_accuracy(model, ids: torch.Tensor) -> float:
+    """Fraction of the tokens of `ids` (B, T) that are the model's greedy prediction from their prefix."""
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(model.device)).logits[:, :-1]
+    return (logits.argmax(-1) == ids[:, 1:].to(model.device)).float().mean().item()
+
+
+def halo_scores(model, tokenizer, probes: list[dict], text: torch.Tensor, fill: list[str], weights: dict,
+                cfg) -> list[float]:
+    """HALO's layer score (thunlp/hybrid-linear-attention @ 229e301, attn-layer-selection/layer_analysis.py,
+    combine() in mode 'halo'): convert one layer (here: to its fill operator, the prepared cheap candidate),
+    measure retrieval (rt) and commonsense (cs); score = (max rt - rt) / (max cs - cs + 1e-10), capped at 50, the
+    maxima taken over the converted models as there (halo_combine). HALO's retrieval is lm-eval's
+    ruler_qa_squad, fda and swde, its commonsense HellaSwag and ARC; at this scale retrieval is the answer-token
+    accuracy on the needle probes and commonsense the next-token accuracy on the search data (`text`)."""
+    L = len(model.model.layers)
+    rt, cs = [], []
+    for l in tqdm(range(L), desc="halo", leave=False):
+        one_converted(model, L, l, fill[l], weights, cfg)
+        rt.append(answer_scores(model, tokenizer, probes)[1])
+        cs.append(next_token_accuracy(model, text))
+    dash.restore_teacher(model)
+    return halo_combine(rt, cs)
+
+
+def halo_combine(rt: list[float], cs: list[float]) -> list[float]:
+    """layer_analysis.py's combine(mode='halo'): retrieval drop over commonsense drop, from the best layer's."""
+    return [min(50.0, (max(rt) - r) / (max(cs) - c + 1e-10)) for r, c in zip(rt, cs)]
+
+
+def placements(model, tokenizer, arch: dict, ecfg: EvalConfig, cfg, weights: dict, report: dict | None,
+               fill: list[str], probe_len: int) -> dict:
+    """The baselines --baselines asks for: name -> {layer: operator} for its full-attention (and, for
+    Jet-Nemotron, window) layers. Only the selectors asked for run."""
+    want = wanted(ecfg.baselines)
     L, K = len(model.model.layers), len(arch["full_layers"])
-    out = {"uniform": uniform(L, K), "first-K": list(range(K)), "last-K": list(range(L - K, L))}
+    picks = {}
+    if want("uniform"):
+        picks["uniform"] = uniform(L, K)
+    if want("first-K"):
+        picks["first-K"] = list(range(K))
+    if want("last-K"):
+        picks["last-K"] = list(range(L - K, L))
     for s in range(ecfg.random_seeds):
-        out[f"random-{s}"] = sorted(random.Random(s).sample(range(L), K))
-    if report:  # layer-wise distillation: the layers hardest to replace keep full attention
-        out["alignment-loss"] = top([min(v["after"] for n, v in layer.items() if n != "swa" or len(layer) == 1)
-                                     for layer in report["layers"]], K)
-    probes = make_samples("niah_multikey_2", tokenizer, probe_len, ecfg.probes, seed=1000 + ecfg.seed)
-    out["recall-importance"] = top(recall_importance(model, tokenizer, probes), K)
-    out["retrieval-score"] = top(retrieval_scores(model, tokenizer, probes), K)
-    out = {n: {l: "full" for l in layers} for n, layers in out.items()}
+        if want(f"random-{s}"):
+            picks[f"random-{s}"] = sorted(random.Random(s).sample(range(L), K))
+    if report and want("alignment-loss"):  # layer-wise distillation: the layers hardest to replace keep full attention
+        picks["alignment-loss"] = top([min(v["after"] for n, v in layer.items() if n != "swa" or len(layer) == 1)
+                                       for layer in report["layers"]], K)
+    if any(want(n) for n in ("recall-importance", "retrieval-score", "nll", "halo")):
+        probes = ruler.make_samples("niah_multikey_2", tokenizer, probe_len, ecfg.probes, seed=1000 + ecfg.seed,
+                              template=ecfg.template)
+    if want("recall-importance"):
+        picks["recall-importance"] = top(recall_importance(model, tokenizer, probes), K)
+    if want("retrieval-score"):
+        picks["retrieval-score"] = top(retrieval_scores(model, tokenizer, probes), K)
+    if want("ar"):
+        prompts = ar_prompts(tokenizer, ecfg.probes, seed=1000 + ecfg.seed)
+        picks["ar"] = top(ar_importance(model, tokenizer, prompts, ecfg.batch_size), K)
+    if want("nll"):
+        picks["nll"] = top(nll_rise(model, tokenizer, probes, weights, cfg), K)
+    if want("halo"):
+        text = dash.token_batches(tokenizer, cfg.data, 1, 4, probe_len)[0]  # (4, probe_len)
+        picks["halo"] = top(halo_scores(model, tokenizer, probes, text, fill, weights, cfg), K)
+    out = {n: {l: "full" for l in layers} for n, layers in picks.items()}
     if L == 36:  # published placements for Qwen2.5-3B-Instruct
-        out["jet-nemotron"] = {**{l: "full" for l in JET_NEMOTRON["full"]}, **{l: "swa" for l in JET_NEMOTRON["swa"]}}
+        if want("jet-nemotron"):
+            out["jet-nemotron"] = {**{l: "full" for l in JET_NEMOTRON["full"]},
+                                   **{l: "swa" for l in JET_NEMOTRON["swa"]}}
         for sel, by_k in HYBRID_DISTILLATION.items():
-            if K in by_k:
+            if K in by_k and want(f"hd-{sel}"):
                 out[f"hd-{sel}"] = {l: "full" for l in by_k[K]}
-    keep = ecfg.baselines.split(",") if ecfg.baselines not in ("all", "none") else None
-    return {} if ecfg.baselines == "none" else {n: v for n, v in out.items()
-                                                if keep is None or n in keep or n.split("-")[0] in keep}
+    return out
 
 
 def fill_layers(arch: dict, report: dict | None, how: str) -> list[str]:
@@ -741,89 +376,86 @@ def speed(model, length: int, new_tokens: int = 64) -> dict:
 # -- the run
 
 
-def retrieval_check(model, tokenizer, arch: dict, weights: dict, cfg) -> dict:
-    """dash.py's closing check: the hybrid against the teacher on RULER's needle tasks at the search length."""
-    tasks = ["niah_single_1", "niah_single_2", "niah_multikey_1", "niah_multivalue"]
-    with warnings.catch_warnings():  # the essay tasks take the noise haystack here, as said in the title
-        warnings.simplefilter("ignore")
-        samples = {f"{t}@{cfg.seq_len}": make_samples(t, tokenizer, cfg.seq_len, cfg.check_samples, seed=1)
-                   for t in tasks}
-    teacher = run_tasks(dash.restore_teacher(model), tokenizer, samples, 8, "teacher")
-    hybrid = run_tasks(dash.make_hybrid(model, arch["layers"], weights, cfg), tokenizer, samples, 8, "hybrid")
-    dash.restore_teacher(model)
-    print(table({"teacher": teacher, "hybrid": hybrid},
-                f"retrieval check: RULER needles at {cfg.seq_len} tokens (noise haystack), {cfg.check_samples} "
-                f"samples per task"))
-    return dict(teacher=teacher, hybrid=hybrid)
+def need_lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise ValueError("--lm-eval needs lm-evaluation-harness, which is not installed (pip install lm-eval)")
 
 
-def number(v: float) -> str:
-    """Scores with one decimal; small measurements (seconds, GiB) with three significant digits."""
-    return f"{v:.1f}" if v == 0 or abs(v) >= 1 else f"{v:.3g}"
+def lm_eval_scores(model, tokenizer, tasks: str, batch_size: int) -> dict:
+    """lm-evaluation-harness tasks on the model as it is now (its HFLM wrapper takes a model object)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return simple_evaluate(model=lm, tasks=tasks.split(","))["results"]
 
 
-def table(rows: dict[str, dict], title: str = "") -> str:
-    cols = list(next(iter(rows.values())))
-    lines = [f"**{title}**", ""] if title else []
-    lines += ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(number(r[c]) if isinstance(r[c], float) else str(r[c])
-                                                for c in cols) + " |")
-    return "\n".join(lines)
+def int_list(spec: str, flag: str) -> list[int]:
+    if not re.fullmatch(r"\d+(,\d+)*", spec):
+        raise ValueError(f"{flag} {spec!r}: give comma-separated whole numbers, e.g. 4096,8192")
+    return [int(x) for x in spec.split(",")]
 
 
 def evaluate(ecfg: EvalConfig) -> dict:
+    if ecfg.samples < 1:
+        raise ValueError(f"--samples {ecfg.samples}: need at least 1")
+    wanted(ecfg.baselines)  # a bad name fails before the model loads
+    if ecfg.lm_eval:
+        need_lm_eval()
+    haystack = ruler.load_haystack(ecfg.haystack)
     arch = dash.read_arch(ecfg.arch)
     cfg = dash.arch_config(arch)
     cfg.device, cfg.dtype, cfg.kernels = ecfg.device, ecfg.dtype, ecfg.kernels
     device, dtype = dash.devices(cfg)
     model, tokenizer = dash.load_model(arch["model"], device, dtype)
+    template = ruler.resolve_template(ecfg.template, tokenizer)
     small = Path(arch["model"]).resolve() == dash.SMALL_MODEL
-    lengths = [int(x) for x in (ecfg.lengths or (str(cfg.seq_len) if small else "4096,8192,16384,32768")).split(",")]
-    tasks = ecfg.tasks.split(",") if ecfg.tasks else DEFAULT_TASKS
+    lengths = int_list(ecfg.lengths or (str(cfg.seq_len) if small else "4096,8192,16384,32768"), "--lengths")
+    qa = {"qa_1": ecfg.squad, "qa_2": ecfg.hotpotqa}
+    tasks = ecfg.tasks.split(",") if ecfg.tasks else ruler.SYNTHETIC_TASKS + [t for t, f in qa.items() if f]
+    samples = {f"{t}@{length}": ruler.make_samples(t, tokenizer, length, ecfg.samples, ecfg.seed, haystack, qa.get(t),
+                                             template) for length in lengths for t in tasks}
     cache = ecfg.cache or arch["candidate_cache"]
     weights = dash.candidates_for(model, {**arch, "candidate_cache": cache, "layers": arch["candidates"]}, cfg)
     report_path = Path(cache).with_suffix(".json")
     report = json.loads(report_path.read_text()) if report_path.exists() else None
-    haystack = Path(ecfg.haystack).read_text() if ecfg.haystack else None
-    qa = {"qa_1": ecfg.squad, "qa_2": ecfg.hotpotqa}
-    samples = {}
-    for length in lengths:
-        for t in tasks:
-            ss = make_samples(t, tokenizer, length, ecfg.samples, ecfg.seed, haystack, qa.get(t))
-            if ss:
-                samples[f"{t}@{length}"] = ss
     fill = fill_layers(arch, report, ecfg.fill)
     models = {"teacher": ["full"] * len(fill), "dash": arch["layers"],
               "dash (placement, fill)": ["full" if n == "full" else f for n, f in zip(arch["layers"], fill)]}
-    for name, placed in placements(model, tokenizer, arch, ecfg, report, min(lengths)).items():
+    for name, placed in placements(model, tokenizer, arch, ecfg, cfg, weights, report, fill, min(lengths)).items():
         models[name] = [placed.get(l, f) for l, f in enumerate(fill)]
     results = {}
     for name, layers in models.items():
         dash.make_hybrid(model, layers, weights, cfg)
-        results[name] = run_tasks(model, tokenizer, samples, ecfg.batch_size, name)
-        results[name]["layers"] = "".join(CODES.get(n, n[0]) for n in layers)
+        results[name] = {**ruler.run_tasks(model, tokenizer, samples, ecfg.batch_size, name),
+                         "layers": "".join(CODES.get(n, n[0]) for n in layers)}
         print(f"{name:>24}: avg {results[name]['avg']:.1f}")
     rand = [r["avg"] for n, r in results.items() if n.startswith("random-")]
     if rand:
-        mean = sum(rand) / len(rand)
-        print(f"random placements: mean {mean:.1f}, min {min(rand):.1f}, max {max(rand):.1f}")
-    speeds = {}
-    if ecfg.speed and device.startswith("cuda"):
-        for name in ("teacher", "dash"):
-            dash.make_hybrid(model, models[name], weights, cfg)
+        print(f"random placements: mean {sum(rand) / len(rand):.1f}, min {min(rand):.1f}, max {max(rand):.1f}")
+    speeds, lm_scores = {}, {}
+    for name in ("teacher", "dash"):
+        dash.make_hybrid(model, models[name], weights, cfg)
+        if ecfg.speed and device.startswith("cuda"):
             for length in lengths:
                 speeds[f"{name}@{length}"] = speed(model, length)
+        if ecfg.lm_eval:
+            lm_scores[name] = lm_eval_scores(model, tokenizer, ecfg.lm_eval, ecfg.batch_size)
     dash.restore_teacher(model)
+    essay = any(t in ruler.ESSAY_TASKS for t in tasks)
+    md = ruler.table(results, f"RULER, {ecfg.samples} samples per task, {arch['model']}, K={arch['k']}, {template} "
+                        f"template, essay haystack: {haystack.name if essay else 'none'}; averages over "
+                        f"{ruler.coverage(tasks)}")
+    if speeds:
+        md += "\n\n" + ruler.table(speeds, "inference: prefill latency, decode speed, peak memory, cache size")
     out = Path(ecfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    md = table({n: {k: v for k, v in r.items()} for n, r in results.items()},
-               f"RULER, {ecfg.samples} samples per task, {arch['model']}, K={arch['k']}")
-    if speeds:
-        md += "\n\n" + table(speeds, "inference: prefill latency, decode speed, peak memory, cache size")
     (out / "results.md").write_text(md + "\n")
-    (out / "results.json").write_text(json.dumps(dict(config=asdict(ecfg), arch=arch["layers"], results=results,
-                                                       speed=speeds, lengths=lengths, tasks=tasks), indent=1))
+    (out / "results.json").write_text(json.dumps(dict(
+        config=asdict(ecfg), arch=arch["layers"], results=results, speed=speeds, lm_eval=lm_scores, lengths=lengths,
+        tasks=tasks, averaged_over=ruler.coverage(tasks), template=template,
+        haystack=haystack.describe() if essay else None), indent=1))
     print(md)
     print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
     return results

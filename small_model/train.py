@@ -2,7 +2,7 @@
 
 A 6.7M-parameter Qwen2 (8 layers, GQA, RoPE, tied embeddings) trained from scratch on text that exists offline:
 Python source (the standard library plus a fixed 100 MB sample of the installed site-packages) and RULER-format
-long-context documents made with eval_ruler.make_samples (needle-in-a-haystack over noise and over Python
+long-context documents made with ruler.make_samples (needle-in-a-haystack over noise and over Python
 source, variable tracking, common/frequent words). Retrieving a needle from 1K tokens back has to go through
 attention, which is what DASH then probes layer by layer.
 
@@ -40,7 +40,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eval_ruler as er  # noqa: E402
+import ruler as er  # noqa: E402
 
 EOS = "<|endoftext|>"
 # Qwen2's pre-tokenizer split: digits one by one, so a 7-digit needle value is 7 tokens to copy.
@@ -98,7 +98,7 @@ class TrainConfig:
     max_files: int = 0            # use only this many stdlib files (0: all)
 
 
-TINY = dict(n_layer=2, hidden=64, n_head=4, n_kv_head=2, intermediate=128, vocab_size=1024,
+TINY = dict(n_layer=2, hidden=64, n_head=4, n_kv_head=2, intermediate=128, vocab_size=2048,
             batch_size=2, workers=0, eval_n=1, final_eval_n=1, search_tokens=4000, max_files=40, warmup_steps=2,
             log_every=1, eval_every_s=0.0, extra_code="")
 
@@ -208,7 +208,7 @@ class Mixture(torch.utils.data.IterableDataset):
         essay = er.TASKS[task].get("type_haystack") == "essay" and rng.random() < 0.5  # else the noise haystack
         if not pending.get((task, essay)):  # 8 samples a call amortise make_samples' length search
             pending[(task, essay)] = er.make_samples(task, self.tok, self.cfg.seq_len, 8, seed=rng.getrandbits(40),
-                                                     haystack=self.haystack(rng) if essay else None)
+                                                     haystack=self.haystack(rng) if essay else "noise")
         s = pending[(task, essay)].pop()
         prompt = self.tok.encode(er.build_prompt(s, self.tok), add_special_tokens=False)
         answer = self.tok.encode(er.answer_text(s), add_special_tokens=False) + [self.tok.eos_token_id]

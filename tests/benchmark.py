@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dash  # noqa: E402
 import eval_ruler  # noqa: E402
+import ruler  # noqa: E402
 
 QWEN3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
               num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
@@ -266,7 +267,7 @@ def main():
     if args.dump_fla_configs and lengths:  # again, with the decoding kernels' configs
         dump_fla_configs(Path(args.dump_fla_configs))
     if res["inference"]:
-        print(eval_ruler.table(res["inference"], "inference, batch 1: prefill, 64 decoded tokens"))
+        print(ruler.table(res["inference"], "inference, batch 1: prefill, 64 decoded tokens"))
     rows = [("GPU", gpu), ("batch x seq", f"{B} x {T}"), ("candidates", ",".join(names)),
             ("teacher forward", f"{res['teacher_tok_s'] / 1e3:.1f}k tok/s  (MFU {res['teacher_mfu']:.0%})")]
     for grad in (k[len("search_"):] for k in res if k.startswith("search_")):

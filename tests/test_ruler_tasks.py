@@ -1,5 +1,7 @@
-"""RULER task generation and metrics (eval_ruler.py's task section), on CPU with a small BPE tokenizer."""
+"""ruler.py, RULER's port: task generation, haystacks, templates, metrics and averages, on CPU with a small BPE
+tokenizer (no model)."""
 
+import hashlib
 import json
 import math
 import re
@@ -11,7 +13,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eval_ruler as er  # noqa: E402
+import ruler as er  # noqa: E402  (er: the name these tests had when RULER lived in eval_ruler)
 
 QWEN_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 CORPUS = ["Tulips bloom in spring. Zanzibar merchants trade cloves! Do owls sleep by day? " * 3,
@@ -56,7 +58,8 @@ def context_of(sample: dict) -> str:
 def test_configs_match_ruler():
     assert er.NIAH_TASKS == ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1",
                              "niah_multikey_2", "niah_multikey_3", "niah_multivalue", "niah_multiquery"]
-    assert er.DEFAULT_TASKS == er.NIAH_TASKS + ["vt", "cwe", "fwe"]
+    assert er.SYNTHETIC_TASKS == er.NIAH_TASKS + ["vt", "cwe", "fwe"] and len(er.TASKS) == 13
+    assert er.ESSAY_TASKS == ["niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "niah_multiquery"]
     assert {t: er.TEMPLATES[c["task"]]["tokens_to_generate"] for t, c in er.TASKS.items()} == {
         **{t: 128 for t in er.NIAH_TASKS}, "vt": 30, "cwe": 120, "fwe": 50, "qa_1": 32, "qa_2": 32}
     assert er.TASKS["niah_multikey_3"] == dict(task="niah", type_haystack="needle", type_needle_k="uuids",
@@ -64,7 +67,9 @@ def test_configs_match_ruler():
     assert er.TASKS["cwe"] == dict(task="common_words_extraction", freq_cw=30, freq_ucw=3, num_cw=10)
     assert len(er.DEPTHS) == 40 and er.DEPTHS[:3] == [0, 3, 5] and er.DEPTHS[-1] == 100
     assert math.isclose(er._zeta(2.0), math.pi ** 2 / 6, rel_tol=1e-9)
-    assert min(len(v) for v in er.WORDS.values()) > 150
+    # wonderwords' lists, as RULER loads them (8,166 distinct words in wonderwords 3.0.1, 6.2M key pairs)
+    assert len(er.CWE_WORDS) > 8000 and len(er.WORDS["adjectives"]) * len(er.WORDS["nouns"]) > 6_000_000
+    assert {"quizzical", "aardvark"} <= set(er.CWE_WORDS)
 
 
 def test_unknown_task_names_allowed(tok):
@@ -76,7 +81,7 @@ def test_unknown_task_names_allowed(tok):
 
 # ---- generation ----
 
-@pytest.mark.parametrize("task", er.DEFAULT_TASKS)
+@pytest.mark.parametrize("task", er.SYNTHETIC_TASKS)
 def test_deterministic_seeded_and_answers_in_context(task, tok):
     a = er.make_samples(task, tok, 1024, 3, seed=0, haystack=CORPUS)
     assert a == er.make_samples(task, tok, 1024, 3, seed=0, haystack=CORPUS)
@@ -88,7 +93,7 @@ def test_deterministic_seeded_and_answers_in_context(task, tok):
         assert s["task"] == task and s["max_new_tokens"] == er.TEMPLATES[er.TASKS[task]["task"]]["tokens_to_generate"]
 
 
-@pytest.mark.parametrize("length,tasks", [(512, er.NIAH_TASKS + ["fwe"]), (1024, er.DEFAULT_TASKS)])
+@pytest.mark.parametrize("length,tasks", [(512, er.NIAH_TASKS + ["fwe"]), (1024, er.SYNTHETIC_TASKS)])
 def test_length_fits_budget(length, tasks, tok):
     for task in tasks:
         for s in er.make_samples(task, tok, length, 4, seed=3, haystack=CORPUS):
@@ -133,21 +138,47 @@ def test_niah_wording_and_needles(tok):
 def test_draws_distinct_and_seeded():
     import random
     keys = er._distinct("words", 5000, random.Random(0))  # ~85 repeats expected if drawn with replacement
-    assert len(set(keys)) == 5000 and all(re.fullmatch(r"[a-z]+-[a-z]+", k) for k in keys)
+    adjs, nouns = set(er.WORDS["adjectives"]), set(er.WORDS["nouns"])
+    pair = lambda k: any(k[:j] in adjs and k[j + 1:] in nouns for j, c in enumerate(k) if c == "-")
+    assert len(set(keys)) == 5000 and all(map(pair, keys))  # RULER's adjective-noun keys, e.g. "tangible-lender"
     assert keys == er._distinct("words", 5000, random.Random(0))
     with pytest.raises(ValueError, match="unknown needle type 'dates'"):
         er._draw("dates", random.Random(0))
 
 
-def test_essay_without_haystack_warns_and_uses_noise(tok, tmp_path):
-    with pytest.warns(UserWarning, match="no essay haystack"):
-        s = er.make_samples("niah_single_2", tok, 1024, 1)[0]
-    assert er.NOISE in s["input"]
-    path = tmp_path / "corpus.txt"
-    path.write_text(CORPUS[0])
-    assert "Zanzibar" in er.make_samples("niah_single_2", tok, 1024, 1, haystack=path)[0]["input"]
-    with pytest.raises(ValueError, match="no file at"):
-        er.make_samples("niah_single_2", tok, 1024, 1, haystack=str(tmp_path / "missing.txt"))
+def test_haystacks_default_prose_noise_file_folder(tok, tmp_path):
+    s = er.make_samples("niah_single_2", tok, 1024, 1)[0]  # default: the shipped public-domain prose
+    assert s["haystack"] == "data/factbook_prose.txt.gz" and er.NOISE not in s["input"]
+    assert "Algerians fought through much of the 1950s" in s["input"]  # the corpus' first paragraph
+    prose = er.load_haystack()
+    assert len(prose.words) > 100_000 and prose.sha256 == er.load_haystack(er.PROSE).sha256
+    noise = er.make_samples("niah_single_2", tok, 1024, 1, haystack="noise")[0]
+    assert noise["haystack"] == "noise" and noise["input"].count(er.NOISE) > 10
+    assert er.make_samples("niah_single_1", tok, 1024, 1)[0]["haystack"] is None  # a noise task: no essay
+    (tmp_path / "b.txt").write_text(CORPUS[1])
+    (tmp_path / "a.txt").write_text(CORPUS[0])
+    (tmp_path / "notes.md").write_text("Ignored: not a .txt file.")
+    one = er.load_haystack(tmp_path / "a.txt")
+    both = er.load_haystack(tmp_path)
+    assert one.name == str(tmp_path / "a.txt") and "Zanzibar" in one.words and "Glaciers" not in one.words
+    assert both.words[:3] == ["Tulips", "bloom", "in"] and "Glaciers" in both.words and "Ignored:" not in both.words
+    assert both.sha256 == hashlib.sha256((CORPUS[0] + "\n" + CORPUS[1]).encode()).hexdigest()  # sorted, joined
+    assert "Zanzibar" in er.make_samples("niah_single_2", tok, 1024, 1, haystack=str(tmp_path))[0]["input"]
+
+
+def test_haystack_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="no such file or folder"):
+        er.load_haystack(str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="no such file or folder"):  # a text where a path belongs: no OSError
+        er.load_haystack(CORPUS[0] * 20)
+    with pytest.raises(ValueError, match="has no .txt or .txt.gz files"):
+        er.load_haystack(tmp_path)
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="has no words"):
+        er.load_haystack(tmp_path / "empty.txt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8"):
+        er.load_haystack(tmp_path / "latin1.txt")
 
 
 def test_vt_cwe_fwe_formats(tok):
@@ -163,7 +194,7 @@ def test_vt_cwe_fwe_formats(tok):
     shot, question = cwe["input"].split("\n", 3)[2:4]  # one-shot example: its list, question and answer
     assert shot.startswith("Question: What are the 10 most common words") and "are: 1. " in shot
     assert question.startswith("Below is a numbered list of words.")
-    listed = re.findall(r"\d+\. (\w+)", cwe["input"].split("\n")[-2])  # the question's list
+    listed = re.findall(r"\d+\. (.+?)(?= \d+\. |$)", cwe["input"].split("\n")[-2])  # wonderwords: "cross-stitch"
     counts = {w: listed.count(w) for w in listed}
     assert all(counts[w] == 6 for w in cwe["outputs"]) and sorted(set(counts.values())) == [1, 6]
     fwe = er.make_samples("fwe", tok, 1024, 1, seed=0)[0]
@@ -173,15 +204,15 @@ def test_vt_cwe_fwe_formats(tok):
 
 
 def test_answer_text_scores_full_marks(tok):
-    for task in er.DEFAULT_TASKS:
+    for task in er.SYNTHETIC_TASKS:
         samples = er.make_samples(task, tok, 1024, 2, seed=5, haystack=CORPUS)
         preds = [er.answer_text(s) for s in samples]
         assert er.score(task, preds, [s["outputs"] for s in samples]) == 100.0, task
 
 
 def test_qa_needs_file(tok):
-    with pytest.warns(UserWarning, match="qa_1 skipped.*qa_file"):
-        assert er.make_samples("qa_1", tok, 1024, 2) == []
+    with pytest.raises(ValueError, match="qa_1 needs RULER's squad json.*--squad"):
+        er.make_samples("qa_1", tok, 1024, 2)
 
 
 def test_qa_squad_and_hotpotqa(tok, tmp_path):
@@ -206,14 +237,30 @@ def test_qa_squad_and_hotpotqa(tok, tmp_path):
 
 # ---- prompts ----
 
-def test_build_prompt_base_and_chat(tok, chat_tok):
+def test_templates_base_chat_auto(tok, chat_tok):
     s = er.make_samples("niah_single_1", tok, 1024, 1, seed=0)[0]
-    assert er.build_prompt(s, tok) == s["input"] + s["answer_prefix"]
-    chat = er.build_prompt(s, chat_tok)
-    assert chat == "<|im_start|>user\n" + s["input"] + "<|im_end|>\n<|im_start|>assistant\n" + s["answer_prefix"]
-    assert er.build_prompt(s, chat_tok, chat=False) == s["input"] + s["answer_prefix"]
-    with pytest.raises(ValueError, match="chat template"):
-        er.build_prompt(s, tok, chat=True)
+    assert s["template"] == "base" and er.build_prompt(s, tok) == s["input"] + s["answer_prefix"]
+    c = er.make_samples("niah_single_1", chat_tok, 1024, 1, seed=0)[0]  # auto: the tokenizer has a template
+    assert c["template"] == "chat"
+    assert er.build_prompt(c, chat_tok) == ("<|im_start|>user\n" + c["input"] + "<|im_end|>\n<|im_start|>assistant\n"
+                                            + c["answer_prefix"])
+    assert er.make_samples("niah_single_1", chat_tok, 1024, 1, seed=0, template="base")[0] == s
+    with pytest.raises(ValueError, match="template 'chat' needs a tokenizer with a chat template"):
+        er.make_samples("niah_single_1", tok, 1024, 1, template="chat")
+    with pytest.raises(ValueError, match="template 'instruct': choose base, chat or auto"):
+        er.make_samples("niah_single_1", tok, 1024, 1, template="instruct")
+
+
+@pytest.mark.parametrize("task", ["niah_single_2", "vt", "cwe"])
+def test_template_tokens_count_in_the_length(task, tok, chat_tok):
+    base = er.make_samples(task, chat_tok, 1024, 2, seed=0, template="base")
+    chat = er.make_samples(task, chat_tok, 1024, 2, seed=0, template="chat")
+    wrapper = er.count_tokens(chat_tok, er.wrap("", "", chat_tok, "chat"))
+    assert wrapper >= 10  # <|im_start|>user ... <|im_start|>assistant
+    for b, c in zip(base, chat):
+        assert c["length"] == er.count_tokens(chat_tok, er.build_prompt(c, chat_tok)) <= 1024 - c["max_new_tokens"]
+        # the template's tokens came out of the haystack: the chat input is shorter by about the wrapper
+        assert er.count_tokens(chat_tok, c["input"]) < er.count_tokens(chat_tok, b["input"]) - wrapper // 2
 
 
 # ---- metrics: RULER's formulas ----
@@ -239,3 +286,20 @@ def test_postprocess_and_score_pick_ruler_metric():
     assert er.score("qa_1", ["Paris"], refs) == 100.0  # string_match_part
     assert er.score("niah_multivalue", ["Paris"], refs) == 50.0  # string_match_all
     assert er.score("vt", [" \x00AB\x01CD"], [["ab", "cd"]]) == 100.0
+
+
+# ---- reporting: RULER's averages ----
+
+def test_averages_per_length_then_over_lengths():
+    scores = {"niah_single_1@4096": 100.0, "vt@4096": 50.0, "cwe@4096": 30.0,
+              "niah_single_1@16384": 90.0, "vt@16384": 10.0, "cwe@16384": 20.0, "niah_single_1@8192": 70.0}
+    assert er.averages(scores) == {"avg@4096": 60.0, "avg@8192": 70.0, "avg@16384": 40.0, "avg": 56.67}
+    # not the plain mean over task@length entries (52.86): every length weighs the same
+    assert round(sum(scores.values()) / len(scores), 2) == 52.86
+    with pytest.raises(ValueError, match="'avg' is not 'task@length'"):
+        er.averages({"avg": 1.0})
+
+
+def test_coverage_says_how_many_of_13():
+    assert er.coverage(er.SYNTHETIC_TASKS) == "11 of 13 RULER tasks (without qa_1, qa_2)"
+    assert er.coverage(list(er.TASKS)) == "all 13 RULER tasks"

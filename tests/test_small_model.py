@@ -10,15 +10,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dash
 import eval_ruler
+import ruler
 
 
 def test_loads_with_the_auto_classes_and_retrieves_a_needle():
     model = AutoModelForCausalLM.from_pretrained(dash.SMALL_MODEL, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(dash.SMALL_MODEL)
     assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.num_hidden_layers == 8
-    samples = eval_ruler.make_samples("niah_single_1", tok, 1024, 4, seed=7)
-    preds = eval_ruler.generate(model, tok, [eval_ruler.build_prompt(s, tok) for s in samples], 16, 4)
-    assert eval_ruler.score("niah_single_1", preds, [s["outputs"] for s in samples]) == 100.0
+    samples = ruler.make_samples("niah_single_1", tok, 1024, 4, seed=7)
+    preds = ruler.generate(model, tok, [ruler.build_prompt(s, tok) for s in samples], 16, 4)
+    assert ruler.score("niah_single_1", preds, [s["outputs"] for s in samples]) == 100.0
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import eval_ruler as er  # noqa: E402
+import ruler as er  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("small_model_train", ROOT / "small_model" / "train.py")
 train = importlib.util.module_from_spec(spec)
@@ -51,7 +51,7 @@ def test_saved_dir_loads_back(smoke):
     assert type(model).__name__ == "Qwen2ForCausalLM" and model.dtype == torch.bfloat16
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads, cfg.tie_word_embeddings) == (2, 64, 2, True)
-    assert cfg.vocab_size == len(tok) == 1024 and tok.eos_token == "<|endoftext|>" and not tok.chat_template
+    assert cfg.vocab_size == len(tok) == 2048 and tok.eos_token == "<|endoftext|>" and not tok.chat_template
     assert tok.padding_side == "left"  # batched generation
     # AutoTokenizer (as Qwen2Tokenizer) must encode exactly like the tokenizer the model was trained with,
     # unnormalized (decomposed u + diaeresis) text included
@@ -61,7 +61,7 @@ def test_saved_dir_loads_back(smoke):
     assert ids == raw(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == unicodedata.normalize("NFC", text)
     logits = model(input_ids=torch.tensor([ids[:200]])).logits
-    assert logits.shape == (1, 200, 1024) and torch.isfinite(logits).all()
+    assert logits.shape == (1, 200, 2048) and torch.isfinite(logits).all()
     out_ids = model.generate(torch.tensor([ids[:50]]), max_new_tokens=3, do_sample=False)
     assert out_ids.shape == (1, 53)
 
