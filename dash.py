@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+import plots  # figures, when matplotlib is installed (it imports nothing of dash)
 import ruler  # the RULER port: the closing retrieval check (it imports nothing of dash)
 
 HERE = Path(__file__).resolve().parent
@@ -1578,6 +1579,9 @@ def run(cfg: Config) -> dict:
     checkpoint.unlink(missing_ok=True)
     print(f"full attention in layers {arch['full_layers']}; architecture: {' '.join(arch['layers'])}")
     print(f"wrote {out / 'arch.json'} ({arch['tokens']:,} tokens, {arch['wall_time_s']} s)")
+    if plots.search_figure(arch["history"], names, arch["relaxed"]["full_layers"], out / "search.png",
+                           polished_layers=arch["full_layers"]):
+        print(f"wrote {out / 'search.png'}")
     if cfg.check_samples:
         arch["retrieval_check"] = retrieval_check(model, tokenizer, arch, state, cfg)
         (out / "arch.json").write_text(json.dumps(arch, indent=1))

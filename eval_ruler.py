@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 import dash
+import plots
 import ruler
 
 # Published placements for Qwen2.5-3B-Instruct (36 layers, 0-indexed), taken as data.
@@ -458,6 +459,8 @@ def evaluate(ecfg: EvalConfig) -> dict:
         haystack=haystack.describe() if essay else None), indent=1))
     print(md)
     print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+    if plots.ruler_figure(results, out / "results.png", speeds, f"RULER, {arch['model']}, K={arch['k']}"):
+        print(f"wrote {out / 'results.png'}")
     return results
 
 

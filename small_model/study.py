@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dash  # noqa: E402
+import plots  # noqa: E402
 import ruler as er  # noqa: E402
 
 
@@ -26,6 +27,8 @@ def main():
     ap.add_argument("--samples", type=int, default=10, help="per task")
     ap.add_argument("--length", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--arch", default=None, help="a search's arch.json: its relaxed and polished picks are marked in "
+                                                "the figure (study-<fill>-k<K>.png, when matplotlib is installed)")
     args = ap.parse_args()
     model, tok = dash.load_model(str(dash.SMALL_MODEL))
     cfg = dash.Config(window=dash.SMALL["window"], kernels="torch")
@@ -53,6 +56,10 @@ def main():
                    samples_per_task=args.samples, tasks=er.NIAH_TASKS, length=args.length)
     out = Path(__file__).with_name(f"study-{args.fill}-k{args.k}.json")
     out.write_text(json.dumps(dict(summary=summary, results=results), indent=1))
+    arch = json.loads(Path(args.arch).read_text()) if args.arch else {}
+    plots.placement_figure(dict(summary=summary, results=results), out.with_suffix(".png"),
+                           dash_pick=arch.get("relaxed", {}).get("full_layers"),
+                           polished_pick=arch.get("full_layers"), title=f"K = {args.k}, others {args.fill}")
     print(json.dumps(summary, indent=1))
     for name, v in sorted(placed.items(), key=lambda kv: -kv[1]):
         print(f"{name:>22}: {v:5.1f}")
