@@ -19,6 +19,7 @@ and cache, objective, search loop, export and polish, the hybrid, main. It impor
 (ruler.py, the RULER port, aside): prepare_candidates.py and eval_ruler.py build on it, never the reverse.
 """
 import argparse
+import functools
 import gzip
 import hashlib
 import json
@@ -993,6 +994,7 @@ def has_parameters(op: nn.Module) -> bool:
     return any(True for _ in op.parameters())
 
 
+@functools.lru_cache  # once per process: the code that runs, even if its file is edited during a long run
 def definition_digest(cls: type) -> str:
     """A hash of what defines an operator: the source of its class and its base classes, and of every function or
     class of dash (or of the operator's own module) that their code uses, followed through what those use in turn

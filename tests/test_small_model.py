@@ -26,7 +26,8 @@ def test_loads_with_the_auto_classes_and_retrieves_a_needle():
 def default_run(tmp_path_factory):
     """`python dash.py` with its defaults, at a reduced token budget."""
     tmp = tmp_path_factory.mktemp("default")
-    dash.main(["--tokens", "8192", "--prep-tokens", "8192", "--cache", str(tmp / "c.safetensors"),
+    dash.main(["--tokens", "8192", "--prep-tokens", "8192", "--held-out", "1", "--polish", "1",
+               "--cache", str(tmp / "c.safetensors"),
                "--out", str(tmp / "out"), "--check-samples", "1"])
     return tmp
 
