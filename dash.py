@@ -225,36 +225,82 @@ def cache_slot(cache, layer_idx: int, make) -> Slot:
     return cache.layers[layer_idx]
 
 
-class FullAttention(nn.Module):
-    """The teacher's own softmax attention: its attention function on its projections, exactly."""
+class Operator(nn.Module):
+    """A candidate operator: built from the teacher's attention module of its layer and the config, it maps a
+    LayerInput to a per-head output (B, T, H, D). Besides forward(), it declares all that the rest of dash needs to
+    know about it, so that no code outside the class and its registry line names an operator:
+      code          one letter for its layers in tables of architectures (eval_ruler.py)
+      slot          the kind of Slot it keeps in HF's cache during generation (slot_in() makes or finds it)
+      cost(T)       token-mixing FLOPs per token at context T, relative to full attention (the search's cost term)
+      settings()    what shapes its prepared weights besides its parameters' shapes (the candidate cache's fingerprint)
+      extra_loss()  a term that preparation adds to the alignment loss of the forward pass just run (None: none)
+      observe(p)    preparation shows it each held-out batch after aligning it: to measure what cost() needs
+    Whether it has parameters to align is trainable(op); its parameters and persistent buffers are what
+    preparation saves and load_op() loads."""
+    code = "?"
+    slot = KVSlot
 
     def __init__(self, attn: nn.Module, cfg: Config):
         super().__init__()
+        self.layer_idx = attn.layer_idx
+
+    def new_slot(self) -> Slot:
+        return self.slot()
+
+    def slot_in(self, p: LayerInput) -> Slot | None:
+        """This operator's slot in the cache of a generation step (None without a cache)."""
+        return None if p.cache is None else cache_slot(p.cache, self.layer_idx, self.new_slot)
+
+    def cost(self, T: int) -> float:
+        return 1.0
+
+    def settings(self) -> dict:
+        return {}
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return None
+
+    def observe(self, p: LayerInput):
+        pass
+
+
+class FullAttention(Operator):
+    """The teacher's own softmax attention: its attention function on its projections, exactly."""
+    code = "F"
 
     def forward(self, p: LayerInput) -> torch.Tensor:
         attn = p.attn
         q, k, v = (t.transpose(1, 2) for t in (p.q_rope, p.k_rope, p.v))  # (B, heads, T, D) for HF's functions
         if p.cache is not None:
-            k, v = cache_slot(p.cache, attn.layer_idx, KVSlot).append(k, v)
+            k, v = self.slot_in(p).append(k, v)
         fn = ALL_ATTENTION_FUNCTIONS[attn.config._attn_implementation]  # load_model() asks for sdpa
         y, _ = fn(attn, q, k, v, p.mask, dropout=0.0, scaling=attn.scaling)
         return y  # (B, T, H, D)
 
 
-class SlidingWindowAttention(nn.Module):
+class SlidingWindowAttention(Operator):
     """The teacher's softmax attention limited to the last `window` tokens (the query's own included).
     Nothing new to train; during generation it keeps only a window of keys and values."""
+    code = "S"
 
     def __init__(self, attn: nn.Module, cfg: Config):
-        super().__init__()
-        self.layer_idx, self.scaling, self.window = attn.layer_idx, attn.scaling, cfg.window
-        self.kernels = cfg.kernels
+        super().__init__(attn, cfg)
+        self.scaling, self.window, self.kernels = attn.scaling, cfg.window, cfg.kernels
+
+    def new_slot(self) -> Slot:
+        return KVSlot(keep=self.window - 1)  # window - 1 tokens: with the next one, a whole window
+
+    def cost(self, T: int) -> float:
+        """A query reads min(W, T/2) keys on average, full attention T/2."""
+        return min(self.window, T / 2) / (T / 2)
+
+    def settings(self) -> dict:
+        return dict(window=self.window)
 
     def forward(self, p: LayerInput) -> torch.Tensor:
         q, k, v = p.q_rope, p.k_rope, p.v  # (B, T, heads, D)
-        if p.cache is not None:  # keep window - 1 tokens: with the next one, a whole window
-            slot = cache_slot(p.cache, self.layer_idx, lambda: KVSlot(keep=self.window - 1))
-            k, v = (t.transpose(1, 2) for t in slot.append(k.transpose(1, 2), v.transpose(1, 2)))
+        if p.cache is not None:
+            k, v = (t.transpose(1, 2) for t in self.slot_in(p).append(k.transpose(1, 2), v.transpose(1, 2)))
         T, S = q.shape[1], k.shape[1]  # the S keys are the last S positions, ending at the last query
         if p.mask is None and T == S and use_fla(q, self.kernels):
             from fla.ops.attn import parallel_attn
@@ -381,16 +427,18 @@ def gdn(q, k, v, g, beta, state=None, final=False, kernels="auto"):
     return gdn_chunked(q, k, v, g, beta, scale, state)
 
 
-class LinearAttention(nn.Module):
+class LinearAttention(Operator):
     """What GLA and Gated DeltaNet share. Copied from the teacher, frozen and shared with the other candidates:
     the q/k/v/o projections. New, and trained by prepare_candidates.py: per-head maps on q and k (identity at
     the start), each operator's gates, and a per-head output RMSNorm, since a linear-attention read-out has
-    no softmax normaliser and its scale is not the teacher's. All new parameters are fp32 (they are small)."""
+    no softmax normaliser and its scale is not the teacher's. All new parameters are fp32 (they are small).
+    During generation it keeps a recurrent state (B, H, D, D) per layer."""
+    slot = StateSlot
 
     def __init__(self, attn: nn.Module, cfg: Config):
-        super().__init__()
+        super().__init__(attn, cfg)
         c = attn.config
-        self.layer_idx, self.kernels, D = attn.layer_idx, cfg.kernels, attn.head_dim
+        self.kernels, self.head_dim, D = cfg.kernels, attn.head_dim, attn.head_dim
         self.heads, self.groups = c.num_attention_heads, attn.num_key_value_groups
         self.q_map = nn.Parameter(torch.eye(D).repeat(c.num_attention_heads, 1, 1))   # (H, D, D)
         self.k_map = nn.Parameter(torch.eye(D).repeat(c.num_key_value_heads, 1, 1))   # (Hkv, D, D)
@@ -406,9 +454,13 @@ class LinearAttention(nn.Module):
             k, v = (t * valid[:, :, None, None] for t in (k, v))
         return q, k, v
 
+    def cost(self, T: int) -> float:
+        """A token reads and writes a D x D state per head: about 2D keys' worth, against T/2 for full attention."""
+        return min(1.0, 2 * self.head_dim / (T / 2))
+
     def run(self, p: LayerInput, kernel, *args) -> torch.Tensor:
         """Run the recurrence, from and into this layer's cache slot during generation; normalise per head."""
-        slot = None if p.cache is None else cache_slot(p.cache, self.layer_idx, StateSlot)
+        slot = self.slot_in(p)
         o, state = kernel(*args, state=None if slot is None else slot.state, final=slot is not None,
                           kernels=self.kernels)
         if slot is not None:
@@ -419,6 +471,7 @@ class LinearAttention(nn.Module):
 class GLA(LinearAttention):
     """Gated Linear Attention (Yang et al. 2024): a per-key-channel forget gate from a rank-16 projection,
     logsigmoid / 16 as in the paper, so memory fades slowly at the start; floored at e^-5 per token."""
+    code = "G"
     floor = -5.0
 
     def __init__(self, attn: nn.Module, cfg: Config):
@@ -435,6 +488,7 @@ class GLA(LinearAttention):
 class GatedDeltaNet(LinearAttention):
     """Gated DeltaNet (Yang et al. 2025): a delta-rule memory with L2-normalised keys, a write strength beta and
     a decay per head, g = -exp(A_log) softplus(x W + b) as in Mamba2."""
+    code = "D"
 
     def __init__(self, attn: nn.Module, cfg: Config):
         super().__init__(attn, cfg)
@@ -457,9 +511,11 @@ class GatedDeltaNet(LinearAttention):
         return self.run(p, gdn, q, k, v, g, beta.to(q.dtype))  # fla wants beta in q's dtype
 
 
-# The registry: its order fixes the columns of alpha. A new operator is one class with the constructor
-# (attn, cfg) and forward(LayerInput) -> (B, T, H, D), plus one line here (README: "Adding an operator").
-CANDIDATES = {"full": FullAttention, "swa": SlidingWindowAttention, "gla": GLA, "gdn": GatedDeltaNet}
+# The registry: its order fixes the columns of alpha. A new operator is one Operator subclass with the constructor
+# (attn, cfg), forward(LayerInput) -> (B, T, H, D) and its protocol (code, slot, cost, ...), plus one line here
+# (README: "Adding an operator"). FULL, the teacher's own attention, is special by design: every search keeps it.
+FULL = "full"
+CANDIDATES = {FULL: FullAttention, "swa": SlidingWindowAttention, "gla": GLA, "gdn": GatedDeltaNet}
 
 
 def candidate_names(spec: str) -> list[str]:
@@ -467,15 +523,15 @@ def candidate_names(spec: str) -> list[str]:
     for n in names:
         if n not in CANDIDATES:
             raise DashError(f"unknown operator {n!r}; known operators: {', '.join(CANDIDATES)}")
-    if "full" not in names or len(names) < 2 or len(set(names)) != len(names):
-        raise DashError(f"--candidates {spec!r}: need 'full' and at least one other operator, each once")
+    if FULL not in names or len(names) < 2 or len(set(names)) != len(names):
+        raise DashError(f"--candidates {spec!r}: need '{FULL}' and at least one other operator, each once")
     return names
 
 
-def op_cost(name: str, D: int, window: int, T: int) -> float:
-    """Token-mixing FLOPs per token and head at context T, relative to full attention (projections are shared):
-    full reads T/2 keys on average, a window min(W, T/2), a linear layer a D x D state (about 2D 'keys')."""
-    return {"full": 1.0, "swa": min(window, T / 2) / (T / 2)}.get(name, min(1.0, 2 * D / (T / 2)))
+def trainable(op: nn.Module) -> bool:
+    """Whether an operator has parameters to align: prepare_candidates.py trains them, build_hybrid() loads them."""
+    return any(True for _ in op.parameters())
+
 
 # ----------------------------------------------------------------------------- mixed layer
 
@@ -637,8 +693,9 @@ def set_weights(model, w: torch.Tensor | None, skip_below: float = 0.0, grad: st
 
 
 def load_op(op: nn.Module, state: dict[str, torch.Tensor], prefix: str, where: str = "the candidate cache"):
-    """Load prepared weights (keys '<prefix><param>', prefix 'layers.<l>.<op>.') into one operator."""
-    for pname, param in op.named_parameters():
+    """Load prepared weights (keys '<prefix><name>', prefix 'layers.<l>.<op>.') into one operator: its parameters
+    and persistent buffers (what preparation measured, e.g. NAtS' share of kept tokens)."""
+    for pname, param in op.state_dict(keep_vars=True).items():
         if prefix + pname not in state:
             raise DashError(f"{where} has no weights for {prefix + pname}: prepare the candidates for this model "
                             f"and operator set (python prepare_candidates.py --model ...)")
@@ -801,14 +858,14 @@ def chunked_kl(h_student, h_teacher, head: nn.Linear, chunk: int, terms=kl_terms
 def regularizers(w: torch.Tensor, names: list[str], cfg: Config, costs: torch.Tensor, progress: float) -> dict:
     """The terms added to the KL, each already weighted. w: (L, n_ops) operator probabilities.
     budget     = b * (E - K)^2 / L          E = sum_l w_l[full], the expected number of full-attention layers
-    cost       = c * mean_l sum_i w_li cost_i               cost_i from op_cost(), full = 1
+    cost       = c * mean_l sum_i w_li cost_li              cost_li: Operator.cost() at --cost-len, full = 1
     entropy    = e * progress * mean_l H(w_l) / log(n_ops)  ramped in: explore first, decide at the end
     continuity = s * mean_l 1/2 |w_l - w_{l-1}|_1           total variation between adjacent layers"""
     L, n = w.shape
     expected_full = w[:, names.index("full")].sum()
     terms = {"budget": cfg.budget * (expected_full - cfg.k) ** 2 / L}
     if cfg.cost:
-        terms["cost"] = cfg.cost * (w @ costs).mean()
+        terms["cost"] = cfg.cost * (w * costs).sum(-1).mean()  # costs: (L, n_ops), or (n_ops,) alike in all layers
     if cfg.entropy:
         terms["entropy"] = cfg.entropy * progress * -(w * w.clamp_min(1e-12).log()).sum(-1).mean() / math.log(n)
     if cfg.continuity:
@@ -862,8 +919,8 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: 
     opt = torch.optim.Adam([alpha], lr=cfg.lr, betas=(0.5, 0.999))   # DARTS' optimizer for architecture logits
     frozen = sum(p.numel() for p in model.parameters())
     print(f"trainable: alpha {tuple(alpha.shape)} = {alpha.numel()} logits; frozen: {frozen:,} weights")
-    D = teacher_attention(model)[0].head_dim
-    costs = torch.tensor([op_cost(n, D, cfg.window, cfg.cost_len) for n in names], device=device)
+    costs = torch.tensor([[layer.self_attn.ops[n].cost(cfg.cost_len) for n in names] for layer in model.model.layers],
+                         device=device)  # (L, n_ops): an operator's cost may depend on its layer (NAtS)
     history, t0 = [], time.time()
     kl_fn = torch.compile(kl_terms, dynamic=False) if cfg.compile else kl_terms
     bar = tqdm(range(steps), desc="search", unit="step")
@@ -938,7 +995,8 @@ def build_hybrid(arch: dict | str, model=None, weights: dict | None = None, cfg:
     if model is None:
         device, dtype = devices(cfg)
         model, tokenizer = load_model(arch["model"], device, dtype)
-    if weights is None and any(n not in ("full", "swa") for n in arch["layers"]):
+    attn = teacher_attention(model)[0]
+    if weights is None and any(n in CANDIDATES and trainable(CANDIDATES[n](attn, cfg)) for n in set(arch["layers"])):
         weights = load_weights(arch["candidate_cache"])
     return make_hybrid(model, arch["layers"], weights or {}, cfg), tokenizer
 

@@ -546,9 +546,6 @@ HYBRID_DISTILLATION = {
 }
 
 
-CODES = {"full": "F", "swa": "S", "gla": "G", "gdn": "D"}  # one letter a layer in the tables
-
-
 @dataclass
 class EvalConfig:
     arch: str = dash.opt("out/arch.json", "architecture JSON written by dash.py")
@@ -680,8 +677,9 @@ def placements(model, tokenizer, arch: dict, ecfg: EvalConfig, report: dict | No
     out = {"uniform": uniform(L, K), "first-K": list(range(K)), "last-K": list(range(L - K, L))}
     for s in range(ecfg.random_seeds):
         out[f"random-{s}"] = sorted(random.Random(s).sample(range(L), K))
-    if report:  # layer-wise distillation: the layers hardest to replace keep full attention
-        out["alignment-loss"] = top([min(v["after"] for n, v in layer.items() if n != "swa" or len(layer) == 1)
+    if report:  # layer-wise distillation: the layers hardest to replace by a trained operator keep full attention
+        trained = trained_operators(report)
+        out["alignment-loss"] = top([min(v["after"] for n, v in layer.items() if n in trained)
                                      for layer in report["layers"]], K)
     probes = make_samples("niah_multikey_2", tokenizer, probe_len, ecfg.probes, seed=1000 + ecfg.seed)
     out["recall-importance"] = top(recall_importance(model, tokenizer, probes), K)
@@ -695,6 +693,14 @@ def placements(model, tokenizer, arch: dict, ecfg: EvalConfig, report: dict | No
     keep = ecfg.baselines.split(",") if ecfg.baselines not in ("all", "none") else None
     return {} if ecfg.baselines == "none" else {n: v for n, v in out.items()
                                                 if keep is None or n in keep or n.split("-")[0] in keep}
+
+
+def trained_operators(report: dict) -> list[str]:
+    """The operators that preparation trained (all of them if none was). Reports from before it listed them: those
+    whose alignment loss moved."""
+    names = list(report["layers"][0])
+    moved = [n for n in names if any(layer[n]["after"] != layer[n]["before"] for layer in report["layers"])]
+    return report.get("trained", moved) or names
 
 
 def fill_layers(arch: dict, report: dict | None, how: str) -> list[str]:
@@ -802,7 +808,7 @@ def evaluate(ecfg: EvalConfig) -> dict:
     for name, layers in models.items():
         dash.make_hybrid(model, layers, weights, cfg)
         results[name] = run_tasks(model, tokenizer, samples, ecfg.batch_size, name)
-        results[name]["layers"] = "".join(CODES.get(n, n[0]) for n in layers)
+        results[name]["layers"] = "".join(dash.CANDIDATES[n].code for n in layers)  # one letter a layer
         print(f"{name:>24}: avg {results[name]['avg']:.1f}")
     rand = [r["avg"] for n, r in results.items() if n.startswith("random-")]
     if rand:

@@ -9,6 +9,9 @@ What trains: each operator's own small parameters (dash.py says which: per-head 
 norm); the teacher's q/k/v/o projections are copied, i.e. shared, and frozen. The loss is the normalised MSE
 of the layer's attention output (after o_proj, so errors count as the residual stream sees them):
     nmse_l = |o_proj(op(x_l)) - attn_l(x_l)|^2 / |attn_l(x_l)|^2
+plus any term the operator adds itself (Operator.extra_loss(): NAtS' sparsity). After alignment, each operator
+sees the held-out batches (Operator.observe(): NAtS measures its share of kept tokens, its cost in the search);
+the report gives per layer and operator the nmse before and after, and the cost at the sequence length.
 All layers learn from one teacher forward pass per batch: hooks keep each layer's attention input and output,
 then each layer's operators take a step in turn, so only one layer's graph is alive at a time.
 The result is one safetensors file per model and operator set, named by a fingerprint of everything that
@@ -93,8 +96,8 @@ def fingerprint(model, names: list[str], pcfg: PrepConfig) -> dict:
     return dict(model=Path(pcfg.model).name if Path(pcfg.model).exists() else pcfg.model,
                 config=hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16],
                 weights=hashlib.sha256(q.view(torch.int16).numpy().tobytes()).hexdigest()[:16],
-                operators={n: dict(window=pcfg.window) if n == "swa" else
-                           {k: list(p.shape) for k, p in op.named_parameters()} for n, op in ops.items()},
+                operators={n: {**op.settings(), **{k: list(t.shape) for k, t in op.state_dict().items()}}
+                           for n, op in ops.items()},
                 tokens=pcfg.tokens, seq_len=pcfg.seq_len, batch_size=pcfg.batch_size, lr=pcfg.lr,
                 data=pcfg.data, seed=pcfg.seed)
 
@@ -162,6 +165,14 @@ def nmse(op, attn, x, rope, target) -> torch.Tensor:
     return (y.float() - target.float()).pow(2).mean() / target.float().pow(2).mean()
 
 
+def aligned_loss(op, attn, x, rope, target) -> torch.Tensor:
+    """What preparation minimises: the nmse, plus the term the operator adds to it (Operator.extra_loss(), e.g. NAtS'
+    sparsity), from the same forward pass."""
+    loss = nmse(op, attn, x, rope, target)
+    extra = op.extra_loss()
+    return loss if extra is None else loss + extra
+
+
 def calibrate(model, ops, ids):
     """Start each output norm at its least-squares scale against the teacher, so training starts below nmse 1:
     a linear read-out has no softmax normaliser, and unit RMS per head can be far from the teacher's."""
@@ -174,13 +185,16 @@ def calibrate(model, ops, ids):
                     op.norm.mul_(((y * target.float()).sum() / y.pow(2).sum()).clamp_min(1e-3))
 
 
-def evaluate(model, ops, batches) -> list[dict[str, float]]:
-    """Per layer and operator, the mean nmse over held-out batches."""
+def evaluate(model, ops, batches, observe: bool = False) -> list[dict[str, float]]:
+    """Per layer and operator, the mean nmse over held-out batches. observe: first show each operator the batch
+    (Operator.observe(): what its cost needs measured, after alignment)."""
     attns, total = dash.teacher_attention(model), [{n: 0.0 for n in ops[0]} for _ in ops]
     for ids in batches:
         for l, (x, rope, target) in enumerate(capture(model, ids)):
             with torch.no_grad():
                 for n, op in ops[l].items():
+                    if observe:
+                        op.observe(dash.project(attns[l], x, rope))
                     total[l][n] += nmse(op, attns[l], x, rope, target).item() / len(batches)
     return total
 
@@ -220,9 +234,9 @@ def prepare(model, tokenizer, pcfg: PrepConfig, path: Path, fp: dict, data: torc
     for step in bar:
         losses = []
         for l, (x, rope, target) in enumerate(capture(model, train[step].to(device))):
-            trainable = [op for op in ops[l].values() if list(op.parameters())]
+            trainable = [op for op in ops[l].values() if dash.trainable(op)]
             if trainable:  # one layer's graph at a time: backward right away
-                loss = sum(nmse(op, attns[l], x, rope, target) for op in trainable)
+                loss = sum(aligned_loss(op, attns[l], x, rope, target) for op in trainable)
                 loss.backward()
                 losses.append(loss.detach() / len(trainable))
         if opt:
@@ -236,11 +250,12 @@ def prepare(model, tokenizer, pcfg: PrepConfig, path: Path, fp: dict, data: torc
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(dict(fingerprint=fp, step=step + 1, elapsed=time.time() - t0, weights=state_dict(ops),
                             opt=opt.state_dict(), sched=sched.state_dict(), before=before), partial)
-    after = evaluate(model, ops, held_out)
+    after = evaluate(model, ops, held_out, observe=True)
     report = dict(fingerprint=fp, tokens=steps * pcfg.batch_size * pcfg.seq_len, wall_time_s=round(time.time() - t0, 1),
                   device=str(device), curve=[round(c, 5) for c in curve], step_times=[round(t, 3) for t in step_times],
-                  layers=[{n: dict(before=round(b[n], 5), after=round(a[n], 5)) for n in names}
-                          for b, a in zip(before, after)])
+                  trained=[n for n in names if dash.trainable(ops[0][n])],
+                  layers=[{n: dict(before=round(b[n], 5), after=round(a[n], 5), cost=round(op[n].cost(pcfg.seq_len), 5))
+                           for n in names} for b, a, op in zip(before, after, ops)])
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state_dict(ops), str(path), metadata={"fingerprint": json.dumps(fp)})
     path.with_suffix(".json").write_text(json.dumps(report, indent=1))
@@ -251,8 +266,9 @@ def prepare(model, tokenizer, pcfg: PrepConfig, path: Path, fp: dict, data: torc
 
 
 def state_dict(ops) -> dict[str, torch.Tensor]:
-    return {f"layers.{l}.{n}.{k}": p.detach().float().cpu().contiguous()
-            for l, layer in enumerate(ops) for n, op in layer.items() for k, p in op.named_parameters()}
+    """Every operator's parameters and persistent buffers (what it measured), as dash.load_op() reads them."""
+    return {f"layers.{l}.{n}.{k}": t.detach().float().cpu().contiguous()
+            for l, layer in enumerate(ops) for n, op in layer.items() for k, t in op.state_dict().items()}
 
 
 def table(report: dict) -> str:

@@ -23,7 +23,7 @@ def prepared(tiny_dir, text_file, tmp_path_factory):
     import prepare_candidates
     cfg = dash.resolve(tiny_cfg(tiny_dir, text_file, cache=str(tmp_path_factory.mktemp("c") / "c.safetensors")), 4)
     model, tok = dash.load_model(str(tiny_dir))
-    return prepare_candidates.load_or_prepare(model, tok, ["full", "swa", "gla", "gdn"], cfg)[1]
+    return prepare_candidates.load_or_prepare(model, tok, list(dash.CANDIDATES), cfg)[1]
 
 
 @pytest.mark.parametrize("layers", [["full"] * 4, ["swa"] * 4, ["gla"] * 4, ["gdn"] * 4,
