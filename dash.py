@@ -428,7 +428,7 @@ def gdn(q, k, v, g, beta, state=None, final=False, kernels="auto"):
 
 
 class LinearAttention(Operator):
-    """What GLA and Gated DeltaNet share. Copied from the teacher, frozen and shared with the other candidates:
+    """What GLA, Gated DeltaNet and RWKV-7 share. Copied from the teacher, frozen and shared with the other candidates:
     the q/k/v/o projections. New, and trained by prepare_candidates.py: per-head maps on q and k (identity at
     the start), each operator's gates, and a per-head output RMSNorm, since a linear-attention read-out has
     no softmax normaliser and its scale is not the teacher's. All new parameters are fp32 (they are small).
@@ -511,11 +511,118 @@ class GatedDeltaNet(LinearAttention):
         return self.run(p, gdn, q, k, v, g, beta.to(q.dtype))  # fla wants beta in q's dtype
 
 
+# --- RWKV-7: a generalised delta rule, S_t = diag(e^w_t) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T, in three forms as
+# --- GLA and Gated DeltaNet (the recurrence, a chunked form for the CPU, fla's kernels on CUDA).
+# RWKV-7 bounds its log decay below, w = -e^-0.5 sigmoid(.) >= RWKV7_MIN_LOG_DECAY: fla's chunk kernel then runs in
+# chunks of 64 on tensor cores (its `lower_bound`), and rwkv7_chunked's factors e^(32 * 0.61) stay far inside fp32.
+RWKV7_MIN_LOG_DECAY = -math.exp(-0.5)
+
+
+def rwkv7_recurrent(q, w, k, v, a, b, scale, state=None):
+    """RWKV-7's state update, one token at a time, in fla's convention (fla/ops/generalized_delta_rule/dplr/naive.py,
+    which fla.ops.rwkv7 computes): a decay per key channel, then a rank-one correction read from the old state:
+        S_t = diag(exp(w_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T,   o_t = scale q_t S_t.
+    RWKV-7 takes a = -kk, b = kk * eta: it removes a share eta (the in-context learning rate) of what the memory
+    holds at the normalised key kk, and writes v at k. q, w, k, a, b: (B, T, H, K), w the log decay (<= 0);
+    v: (B, T, H, V). Returns o (B, T, H, V), S."""
+    B, T, H, K = q.shape
+    S = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float) if state is None else state.float()
+    q, w, k, v, a, b = (t.float() for t in (q, w, k, v, a, b))
+    out = []
+    for t in range(T):
+        read = torch.einsum("bhk,bhkv->bhv", a[:, t], S)                # a_t^T S_{t-1}: (B, H, V)
+        S = S * w[:, t, :, :, None].exp() + b[:, t, :, :, None] * read[:, :, None, :] \
+            + k[:, t, :, :, None] * v[:, t, :, None, :]
+        out.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+    return torch.stack(out, 1), S
+
+
+def rwkv7_chunked(q, w, k, v, a, b, scale, state=None, C=32):
+    """rwkv7_recurrent, C tokens at a time (the WY form of fla's chunk_dplr, written out). With G_i the cumulative log
+    decay from the chunk's start through token i, the reads u_i = a_i^T S_{i-1} solve the triangular system
+        (I - A_ab) U = (a e^(G-w)) S0 + A_ak V,   A_xy[i, j] = sum_c x_ic e^(G_(i-1),c - G_jc) y_jc  for j < i,
+    and then o_i = (q_i e^G_i) S0 + sum_{j<=i} (q_i e^(G_i - G_j)).(k_j v_j + b_j u_j). The decays are factored,
+    (x e^G_i).(y e^-G_j); w >= RWKV7_MIN_LOG_DECAY keeps each factor below e^20. Same arguments and results."""
+    B, T, H, K = q.shape
+    q, w, k, v, a, b = chunks(C, q * scale, w, k, v, a, b)              # (B, H, N, C, K|V)
+    G = w.cumsum(-2)                                                    # decay through token i
+    qG, aG = q * G.exp(), a * (G - w).exp()                             # they read S_i and S_(i-1)
+    kG, bG = k * (-G).exp(), b * (-G).exp()                             # written at j, seen from the chunk's start
+    ones = torch.ones(C, C, dtype=torch.bool, device=q.device)
+    upto, before = ones.tril(), ones.tril(-1)                           # j <= i, j < i
+    A_qk, A_qb = ((qG @ y.transpose(-1, -2)).masked_fill(~upto, 0) for y in (kG, bG))      # (B, H, N, C, C)
+    A_ak, A_ab = ((aG @ y.transpose(-1, -2)).masked_fill(~before, 0) for y in (kG, bG))
+    eye = torch.eye(C, device=q.device)
+    Tinv = torch.linalg.solve_triangular(eye - A_ab, eye.expand_as(A_ab), upper=False)      # (I - A_ab)^-1
+    U0, W = Tinv @ (A_ak @ v), Tinv @ aG                                # U = U0 + W @ S0
+    S = q.new_zeros(B, H, K, v.shape[-1]) if state is None else state.float()
+    out = []
+    for qn, vn, kn, bn, Gn, U0n, Wn, A_qkn, A_qbn in zip(*(t.unbind(2) for t in (qG, v, k, b, G, U0, W, A_qk, A_qb))):
+        U = U0n + Wn @ S                                                # the reads a_i^T S_(i-1): (B, H, C, V)
+        out.append(qn @ S + A_qkn @ vn + A_qbn @ U)
+        decay = (Gn[:, :, -1:] - Gn).exp()                              # from token j to the chunk's end
+        S = S * Gn[:, :, -1, :, None].exp() + (kn * decay).transpose(-1, -2) @ vn + (bn * decay).transpose(-1, -2) @ U
+    o = rearrange(torch.stack(out, 2), "b h n c v -> b (n c) h v")[:, :T]
+    return o, S
+
+
+@torch.compiler.disable
+def rwkv7(q, w, k, v, a, b, state=None, final=False, kernels="auto"):
+    """RWKV-7 on the fast path that fits, as gla(): fla.ops.rwkv7 on CUDA (chunk_rwkv7, or fused_recurrent_rwkv7
+    for one token), rwkv7_chunked elsewhere. fla's kernels want every input in one dtype."""
+    scale = q.shape[-1] ** -0.5
+    if use_fla(q, kernels):
+        from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+        if q.shape[1] == 1:
+            return fused_recurrent_rwkv7(q, w, k, v, a, b, scale=scale, initial_state=state, output_final_state=final)
+        return chunk_rwkv7(q, w, k, v, a, b, scale=scale, initial_state=state, output_final_state=final,
+                           lower_bound=RWKV7_MIN_LOG_DECAY)
+    return rwkv7_chunked(q, w, k, v, a, b, scale, state)
+
+
+class RWKV7(LinearAttention):
+    """RWKV-7 "Goose" (Peng et al. 2025, arXiv 2503.14456) on the teacher's q/k/v: a delta rule with a decay per key
+    channel and an in-context learning rate, built as fla/layers/rwkv7.py builds it:
+        w   = -e^-0.5 sigmoid(x W_w)   log decay per channel, in (-0.61, 0)
+        eta = sigmoid(x W_a)           in-context learning rate per channel
+        kk  = normalize(k * k_k)       the key at which the memory is corrected, per head
+        k  <- k * (1 + (eta - 1) k_a)  the key written (k_a = 1: write as much as was removed)
+        S_t = diag(e^w_t) S_{t-1} - (kk_t eta_t) (kk_t^T S_{t-1}) + k_t v_t^T   (rwkv7_recurrent: a = -kk, b = kk eta)
+    W_w and W_a are rank-16 projections of the layer input (a tanh between for the decay, as in RWKV-7's LoRAs) and
+    start at their biases: decays spread over each head's channels from e^-0.0015 (a memory of ~670 tokens) to
+    e^-0.38, eta = 1/2. Left out, since the teacher's projections stand in for RWKV's own: token shift, the value
+    residual, the output gate and the r_k bonus; the output RMSNorm does the work of RWKV's GroupNorm."""
+    code = "R"
+
+    def __init__(self, attn: nn.Module, cfg: Config):
+        super().__init__(attn, cfg)
+        C, H, D = attn.config.hidden_size, self.heads, attn.head_dim
+        self.decay = nn.Sequential(nn.Linear(C, 16, bias=False), nn.Tanh(), nn.Linear(16, H * D))
+        self.rate = nn.Sequential(nn.Linear(C, 16, bias=False), nn.Linear(16, H * D))
+        with torch.no_grad():
+            for up in (self.decay[-1], self.rate[-1]):
+                up.weight.zero_()
+            self.decay[-1].bias.copy_(torch.linspace(-6, 0.5, D).repeat(H))   # sigmoid: 0.0025 .. 0.62
+            self.rate[-1].bias.zero_()
+        self.k_k = nn.Parameter(torch.ones(H, D))
+        self.k_a = nn.Parameter(torch.ones(H, D))
+
+    def forward(self, p: LayerInput) -> torch.Tensor:
+        q, k, v = self.qkv(p)                                                     # (B, T, H, D); k, v 0 at padding
+        x = p.x.float()
+        w = RWKV7_MIN_LOG_DECAY * torch.sigmoid(self.decay(x)).view(q.shape)    # (B, T, H, D), fp32
+        eta = torch.sigmoid(self.rate(x)).view(q.shape)
+        kk = F.normalize(k.float() * self.k_k, dim=-1)                            # 0 at padding: no correction
+        k = k.float() * (1 + (eta - 1) * self.k_a)
+        w, k, a, b = (t.to(q.dtype) for t in (w, k, -kk, kk * eta))              # fla: one dtype throughout
+        return self.run(p, rwkv7, q, w, k, v, a, b)
+
+
 # The registry: its order fixes the columns of alpha. A new operator is one Operator subclass with the constructor
 # (attn, cfg), forward(LayerInput) -> (B, T, H, D) and its protocol (code, slot, cost, ...), plus one line here
 # (README: "Adding an operator"). FULL, the teacher's own attention, is special by design: every search keeps it.
 FULL = "full"
-CANDIDATES = {FULL: FullAttention, "swa": SlidingWindowAttention, "gla": GLA, "gdn": GatedDeltaNet}
+CANDIDATES = {FULL: FullAttention, "swa": SlidingWindowAttention, "gla": GLA, "gdn": GatedDeltaNet, "rwkv7": RWKV7}
 
 
 def candidate_names(spec: str) -> list[str]:

@@ -26,8 +26,9 @@ def prepared(tiny_dir, text_file, tmp_path_factory):
     return prepare_candidates.load_or_prepare(model, tok, list(dash.CANDIDATES), cfg)[1]
 
 
-@pytest.mark.parametrize("layers", [["full"] * 4, ["swa"] * 4, ["gla"] * 4, ["gdn"] * 4,
-                                    ["gla", "full", "swa", "gdn"], ["swa", "gdn", "full", "gla"]])
+@pytest.mark.parametrize("layers", [["full"] * 4, ["swa"] * 4, ["gla"] * 4, ["gdn"] * 4, ["rwkv7"] * 4,
+                                    ["gla", "full", "swa", "gdn"], ["swa", "gdn", "full", "gla"],
+                                    ["rwkv7", "gla", "full", "rwkv7"]])
 def test_cached_generation_equals_recomputation(tiny_dir, prepared, layers):
     model, tok = dash.load_model(str(tiny_dir))
     dash.make_hybrid(model, layers, prepared, dash.Config(window=5, kernels="torch"))
