@@ -618,11 +618,191 @@ class RWKV7(LinearAttention):
         return self.run(p, rwkv7, q, w, k, v, a, b)
 
 
+# --- NAtS: token-level attention. Each key/value head gives each token one of three types, in this order.
+GLOBAL, LOCAL, WINDOW = range(3)
+
+
+def nats_mask(types, globals_k, pos_k, globals_q, pos_q, window: int) -> torch.Tensor:
+    """NAtS' attention mask (Deng & Lindauer 2025): which keys each query sees, from the keys' types, as 0/1 in
+    floating point, so that preparation's straight-through types pass their gradient. Query i sees key j <= i if j is
+      global  kept to the end;
+      local   kept until the next global token: no global token came after j and before i (a global token still
+              sees the local tokens before it, and closes their segment, as in NAtS' code);
+      window  kept for `window` steps: i - j < window, its own step included.
+    types: (B, Hkv, S, 3) one-hot (zeros: a padding token, never seen); globals_k: (B, Hkv, S) global tokens up to and
+    including each key; globals_q: (B, Hkv, T) global tokens before each query; pos_k (S,), pos_q (T,) positions.
+    Returns (B, Hkv, T, S)."""
+    g, l, s = (t[..., None, :] for t in types.unbind(-1))              # (B, Hkv, 1, S)
+    dist = pos_q[:, None] - pos_k[None, :]                             # (T, S)
+    between = globals_q[..., :, None] - globals_k[..., None, :]        # global tokens after j, before i: 0 keeps j
+    return (g + s * (dist < window) + l * (1 - between).clamp(0, 1)) * (dist >= 0)
+
+
+def masked_attention(q, k, v, m, scale: float) -> torch.Tensor:
+    """Softmax attention over the keys that m (0/1) keeps, written out so that it is differentiable in m too:
+    sum_j m_ij e^s_ij v_j / sum_j m_ij e^s_ij, in fp32. q: (B, H, T, D); k, v: (B, H, S, D); m: (B, H, T, S)."""
+    dtype, (q, k, v) = q.dtype, (t.float() for t in (q, k, v))
+    s = (q @ k.transpose(-1, -2)) * scale
+    top = s.masked_fill(m < 0.5, -math.inf).amax(-1, keepdim=True).detach()  # the largest kept score: the sum >= 1
+    e = (s - top).clamp(max=60).exp() * m   # clamped: a dropped key far above the kept ones does not overflow
+    return ((e @ v) / e.sum(-1, keepdim=True)).to(dtype)
+
+
+class NAtSSlot(Slot):
+    """NAtS' cache: keys and values (B, Hkv, S, D) of the tokens that a later query may still see, with what decides
+    for how long (as nats_mask takes it: types, global counts, positions). A column stays while one row or head
+    still keeps it; nats_mask masks it where it is gone."""
+
+    def __init__(self):
+        super().__init__()
+        self.types = self.globals = self.pos = self.globals_so_far = None
+
+    def append(self, k, v, types, globals_k, pos):
+        """Add this step's tokens; return the keys, values, types, global counts and positions it attends to."""
+        self.seen += k.shape[-2]
+        self.globals_so_far = globals_k[..., -1:]                       # (B, Hkv, 1), for the next step's count
+        if self.keys is not None:
+            k, v, types, globals_k = (torch.cat([old, new], 2) for old, new in
+                                      zip((self.keys, self.values, self.types, self.globals), (k, v, types, globals_k)))
+            pos = torch.cat([self.pos, pos])
+        self.keys, self.values, self.types, self.globals, self.pos = k, v, types, globals_k, pos
+        self.is_initialized = True
+        return k, v, types, globals_k, pos
+
+    def drop(self, window: int):
+        """Drop the tokens that no later query sees, in no row and no head (NAtS' rules never bring one back)."""
+        later = nats_mask(self.types, self.globals, self.pos, self.globals_so_far, self.pos[-1:] + 1, window)
+        keep = (later[..., 0, :] > 0.5).flatten(0, 1).any(0)           # (S,)
+        self.keys, self.values, self.types, self.globals = (t[:, :, keep] for t in
+                                                            (self.keys, self.values, self.types, self.globals))
+        self.pos = self.pos[keep]
+
+
+class NAtS(Operator):
+    """Neural Attention Search's token-level attention (Deng & Lindauer 2025, arXiv 2502.13251, and the AutoML blog
+    post "Neural Attention Search"; code: github.com/automl/NeuralAttentionSearch) as a candidate: the teacher's
+    softmax attention, in which each key/value head keeps each token for as long as its type says (nats_mask:
+    global, local or window, `--window` steps as swa). A scorer, a linear layer on the layer input, chooses the
+    types: one of three per token and key/value head (NAtS' scorer too has one set per key/value head); the first
+    token of a sequence is global (NAtS does the same: the attention sink stays). The scorer starts at zero, where
+    ties make every token global: the teacher's own attention.
+    Preparation trains the scorer on the alignment loss plus `sparsity` times the share of kept (query, key) pairs
+    (extra_loss). The choice is straight-through: the forward pass uses the top-scoring type, the gradient flows
+    through the softmax of the scores and through the explicit mask (masked_attention). NAtS' code samples the
+    choice with Gumbel noise; here it is deterministic, so that preparation is reproducible. sparsity = 0.1: with it,
+    keeping every pair costs as much as an alignment loss of 0.1, about what a window alone loses on the small
+    teacher (swa's nmse, 0.01 to 0.3 by layer), so a layer keeps more only where a window falls short.
+    Elsewhere the types are hard: the search and the hybrids run sdpa with the boolean mask (fla has no kernel for
+    this mask, so on CUDA it costs full attention's FLOPs and a (B, H, T, T) mask; the saving is the hybrid's cache,
+    which keeps per key/value head only the tokens that a later query may see: NAtSSlot).
+    Cost: what preparation measured on held-out batches (observe): the share d of kept pairs at its sequence length
+    L and the share g of global tokens. Global tokens stay to the end, the others for a bounded time, so at context
+    T the share is about g + (d - g) L / T."""
+    code = "N"
+    slot = NAtSSlot
+    sparsity = 0.1
+
+    def __init__(self, attn: nn.Module, cfg: Config):
+        super().__init__(attn, cfg)
+        c = attn.config
+        self.scaling, self.window, self.groups, self.kv_heads = attn.scaling, cfg.window, attn.num_key_value_groups, \
+            c.num_key_value_heads
+        self.scorer = nn.Linear(c.hidden_size, 3 * self.kv_heads)
+        nn.init.zeros_(self.scorer.weight)
+        nn.init.zeros_(self.scorer.bias)
+        self.register_buffer("kept", torch.tensor(1.0))          # measured share of kept (query, key) pairs ...
+        self.register_buffer("global_share", torch.tensor(1.0))  # ... and of global tokens ...
+        self.register_buffer("kept_len", torch.tensor(1.0))      # ... on sequences of this length
+        self.observed, self.kept_now = 0, None
+
+    def settings(self) -> dict:
+        return dict(window=self.window, sparsity=self.sparsity)
+
+    def cost(self, T: int) -> float:
+        g, d, L = float(self.global_share), float(self.kept), float(self.kept_len)
+        return min(1.0, g + max(0.0, d - g) * L / T)
+
+    @property
+    def learning(self) -> bool:
+        """Preparation trains the scorer: straight-through types and the explicit mask."""
+        return torch.is_grad_enabled() and self.scorer.weight.requires_grad
+
+    def types(self, p: LayerInput, first: bool) -> torch.Tensor:
+        """(B, Hkv, T, 3) one-hot token types: the scorer's top type (straight-through while learning); none (zeros)
+        at padding; global for the first token of each sequence if this step has it."""
+        B, T = p.x.shape[:2]
+        scores = self.scorer(p.x.float()).view(B, T, self.kv_heads, 3).transpose(1, 2)   # (B, Hkv, T, 3)
+        types = F.one_hot(scores.argmax(-1), 3).float()
+        if self.learning:
+            soft = scores.softmax(-1)
+            types = types + soft - soft.detach()
+        valid = valid_tokens(p)
+        if first:  # the first token after any left padding: (B or 1, T)
+            start = (torch.arange(T, device=scores.device) == 0)[None] if valid is None else valid.cumsum(1) == 1
+            types = torch.where(start[:, None, :, None], F.one_hot(torch.tensor(GLOBAL), 3).to(types), types)
+        return types if valid is None else types * valid[:, None, :, None]
+
+    def mask(self, p: LayerInput, slot: NAtSSlot | None = None):
+        """This step's mask over the keys its queries may see, (B, Hkv, T, S), with those keys and values (B, Hkv, S, D)
+        and the step's types; with a slot, the step's tokens join it, and what no later query sees leaves it."""
+        k, v = p.k_rope.transpose(1, 2), p.v.transpose(1, 2)
+        seen = 0 if slot is None else slot.seen
+        types = self.types(p, first=seen == 0)
+        g = types[..., GLOBAL]                                          # (B, Hkv, T)
+        before = g.cumsum(-1) - g + (0 if seen == 0 else slot.globals_so_far)   # global tokens before each query
+        pos = torch.arange(seen, seen + k.shape[2], device=k.device)
+        keys = (k, v, types, before + g, pos)
+        if slot is not None:
+            keys = slot.append(*keys)
+        k, v, types_k, globals_k, pos_k = keys
+        m = nats_mask(types_k, globals_k, pos_k, before, pos, self.window)
+        m = torch.where(pos[:, None] == pos_k, 1.0, m)  # every query sees itself (padding too: no empty row)
+        if slot is not None:
+            slot.drop(self.window)
+        return m, k, v, types
+
+    def forward(self, p: LayerInput) -> torch.Tensor:
+        m, k, v, types = self.mask(p, self.slot_in(p))
+        q = p.q_rope.transpose(1, 2)                                    # (B, H, T, D)
+        if self.learning:
+            k, v, mh = (t.repeat_interleave(self.groups, 1) for t in (k, v, m))
+            y = masked_attention(q, k, v, mh, self.scaling)
+            self.kept_now = self.share(m, types)
+        else:
+            keep = (m > 0.5).repeat_interleave(self.groups, 1)          # (B, H, T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scaling, enable_gqa=True)
+        return y.transpose(1, 2)                                        # (B, T, H, D)
+
+    @staticmethod
+    def share(m: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        """The share of causal (query, key) pairs of real tokens that the mask keeps (a whole sequence: T = S)."""
+        real = types.detach().sum(-1) > 0.5                             # (B, Hkv, T): not padding
+        pairs = real[..., :, None] & real[..., None, :] & torch.ones_like(m, dtype=torch.bool).tril()
+        return (m * pairs).sum() / pairs.sum()
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """The sparsity term of the forward pass just run."""
+        kept, self.kept_now = self.kept_now, None
+        return None if kept is None else self.sparsity * kept
+
+    @torch.no_grad()
+    def observe(self, p: LayerInput):
+        """Measure the shares of kept pairs and of global tokens (means over the held-out batches shown)."""
+        m, _, _, types = self.mask(p)
+        real = types.sum(-1) > 0.5
+        n = self.observed
+        for buf, value in ((self.kept, self.share(m, types)), (self.global_share, types[..., GLOBAL][real].mean())):
+            buf.copy_((buf * n + value) / (n + 1))
+        self.kept_len.fill_(m.shape[-1])
+        self.observed = n + 1
+
+
 # The registry: its order fixes the columns of alpha. A new operator is one Operator subclass with the constructor
 # (attn, cfg), forward(LayerInput) -> (B, T, H, D) and its protocol (code, slot, cost, ...), plus one line here
 # (README: "Adding an operator"). FULL, the teacher's own attention, is special by design: every search keeps it.
 FULL = "full"
-CANDIDATES = {FULL: FullAttention, "swa": SlidingWindowAttention, "gla": GLA, "gdn": GatedDeltaNet, "rwkv7": RWKV7}
+CANDIDATES = {FULL: FullAttention, "swa": SlidingWindowAttention, "gla": GLA, "gdn": GatedDeltaNet, "rwkv7": RWKV7,
+              "nats": NAtS}
 
 
 def candidate_names(spec: str) -> list[str]:

@@ -1,5 +1,5 @@
-"""Hybrids generate with caches (KV for full attention, a window for swa, recurrent state for linear layers)
-exactly what they generate recomputing the whole prefix at every step, with left-padded batches."""
+"""Hybrids generate with caches (KV for full attention, a window for swa, recurrent state for linear layers, the
+tokens NAtS still keeps) exactly what they generate recomputing the whole prefix at every step, with left-padded batches."""
 import pytest
 import torch
 
@@ -26,9 +26,9 @@ def prepared(tiny_dir, text_file, tmp_path_factory):
     return prepare_candidates.load_or_prepare(model, tok, list(dash.CANDIDATES), cfg)[1]
 
 
-@pytest.mark.parametrize("layers", [["full"] * 4, ["swa"] * 4, ["gla"] * 4, ["gdn"] * 4, ["rwkv7"] * 4,
+@pytest.mark.parametrize("layers", [["full"] * 4, ["swa"] * 4, ["gla"] * 4, ["gdn"] * 4, ["rwkv7"] * 4, ["nats"] * 4,
                                     ["gla", "full", "swa", "gdn"], ["swa", "gdn", "full", "gla"],
-                                    ["rwkv7", "gla", "full", "rwkv7"]])
+                                    ["nats", "rwkv7", "full", "nats"]])
 def test_cached_generation_equals_recomputation(tiny_dir, prepared, layers):
     model, tok = dash.load_model(str(tiny_dir))
     dash.make_hybrid(model, layers, prepared, dash.Config(window=5, kernels="torch"))
