@@ -125,7 +125,8 @@ def resolve(cfg: Config, n_layers: int) -> Config:
 # It returns the per-head output (B, T, H, D), which the teacher's o_proj turns into the layer's output.
 # Sharing is what makes a mixed layer cheap: o_proj is linear, so sum_i w_i o_proj(y_i) = o_proj(sum_i w_i y_i).
 # With `cache` (generation), an operator keeps what it needs in its layer's slot of HF's cache, a slot of dash's
-# own (KVSlot, StateSlot): no hybrid depends on how HF's cache layers behave, which changes between releases.
+# own (KVSlot, StateSlot, NAtSSlot): no hybrid depends on how HF's cache layers behave, which changes between
+# releases.
 
 
 @dataclass
@@ -705,8 +706,8 @@ class NAtS(Operator):
     def __init__(self, attn: nn.Module, cfg: Config):
         super().__init__(attn, cfg)
         c = attn.config
-        self.scaling, self.window, self.groups, self.kv_heads = attn.scaling, cfg.window, attn.num_key_value_groups, \
-            c.num_key_value_heads
+        self.scaling, self.window = attn.scaling, cfg.window
+        self.groups, self.kv_heads = attn.num_key_value_groups, c.num_key_value_heads
         self.scorer = nn.Linear(c.hidden_size, 3 * self.kv_heads)
         nn.init.zeros_(self.scorer.weight)
         nn.init.zeros_(self.scorer.bias)

@@ -254,8 +254,8 @@ def prepare(model, tokenizer, pcfg: PrepConfig, path: Path, fp: dict, data: torc
     report = dict(fingerprint=fp, tokens=steps * pcfg.batch_size * pcfg.seq_len, wall_time_s=round(time.time() - t0, 1),
                   device=str(device), curve=[round(c, 5) for c in curve], step_times=[round(t, 3) for t in step_times],
                   trained=[n for n in names if dash.trainable(ops[0][n])],
-                  layers=[{n: dict(before=round(b[n], 5), after=round(a[n], 5), cost=round(op[n].cost(pcfg.seq_len), 5))
-                           for n in names} for b, a, op in zip(before, after, ops)])
+                  layers=[{n: dict(before=round(b[n], 5), after=round(a[n], 5), cost=round(at[n].cost(pcfg.seq_len), 5))
+                           for n in names} for b, a, at in zip(before, after, ops)])  # cost at the sequence length
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state_dict(ops), str(path), metadata={"fingerprint": json.dumps(fp)})
     path.with_suffix(".json").write_text(json.dumps(report, indent=1))
