@@ -150,7 +150,8 @@ def resolve(cfg: Config, n_layers: int) -> Config:
 # It returns the per-head output (B, T, H, D), which the teacher's o_proj turns into the layer's output.
 # Sharing is what makes a mixed layer cheap: o_proj is linear, so sum_i w_i o_proj(y_i) = o_proj(sum_i w_i y_i).
 # With `cache` (generation), an operator keeps what it needs in its layer's slot of HF's cache, a slot of dash's
-# own (KVSlot, StateSlot): no hybrid depends on how HF's cache layers behave, which changes between releases.
+# own (KVSlot, StateSlot, NAtSSlot): no hybrid depends on how HF's cache layers behave, which changes between
+# releases.
 
 
 @dataclass
@@ -250,36 +251,82 @@ def cache_slot(cache, layer_idx: int, make) -> Slot:
     return cache.layers[layer_idx]
 
 
-class FullAttention(nn.Module):
-    """The teacher's own softmax attention: its attention function on its projections, exactly."""
+class Operator(nn.Module):
+    """A candidate operator: built from the teacher's attention module of its layer and the config, it maps a
+    LayerInput to a per-head output (B, T, H, D). Besides forward(), it declares all that the rest of dash needs to
+    know about it, so that no code outside the class and its registry line names an operator:
+      code          one letter for its layers in tables of architectures (eval_ruler.py)
+      slot          the kind of Slot it keeps in HF's cache during generation (slot_in() makes or finds it)
+      cost(T)       token-mixing FLOPs per token at context T, relative to full attention (the search's cost term)
+      settings()    what shapes its prepared weights besides its parameters' shapes (the candidate cache's fingerprint)
+      extra_loss()  a term that preparation adds to the alignment loss of the forward pass just run (None: none)
+      observe(p)    preparation shows it each held-out batch after aligning it: to measure what cost() needs
+    Whether it has parameters to align is trainable(op); its parameters and persistent buffers are what
+    preparation saves and load_op() loads."""
+    code = "?"
+    slot = KVSlot
 
     def __init__(self, attn: nn.Module, cfg: Config):
         super().__init__()
+        self.layer_idx = attn.layer_idx
+
+    def new_slot(self) -> Slot:
+        return self.slot()
+
+    def slot_in(self, p: LayerInput) -> Slot | None:
+        """This operator's slot in the cache of a generation step (None without a cache)."""
+        return None if p.cache is None else cache_slot(p.cache, self.layer_idx, self.new_slot)
+
+    def cost(self, T: int) -> float:
+        return 1.0
+
+    def settings(self) -> dict:
+        return {}
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return None
+
+    def observe(self, p: LayerInput):
+        pass
+
+
+class FullAttention(Operator):
+    """The teacher's own softmax attention: its attention function on its projections, exactly."""
+    code = "F"
 
     def forward(self, p: LayerInput) -> torch.Tensor:
         attn = p.attn
         q, k, v = (t.transpose(1, 2) for t in (p.q_rope, p.k_rope, p.v))  # (B, heads, T, D) for HF's functions
         if p.cache is not None:
-            k, v = cache_slot(p.cache, attn.layer_idx, KVSlot).append(k, v)
+            k, v = self.slot_in(p).append(k, v)
         fn = ALL_ATTENTION_FUNCTIONS[attn.config._attn_implementation]  # load_model() asks for sdpa
         y, _ = fn(attn, q, k, v, p.mask, dropout=0.0, scaling=attn.scaling)
         return y  # (B, T, H, D)
 
 
-class SlidingWindowAttention(nn.Module):
+class SlidingWindowAttention(Operator):
     """The teacher's softmax attention limited to the last `window` tokens (the query's own included).
     Nothing new to train; during generation it keeps only a window of keys and values."""
+    code = "S"
 
     def __init__(self, attn: nn.Module, cfg: Config):
-        super().__init__()
-        self.layer_idx, self.scaling, self.window = attn.layer_idx, attn.scaling, cfg.window
-        self.kernels = cfg.kernels
+        super().__init__(attn, cfg)
+        self.scaling, self.window, self.kernels = attn.scaling, cfg.window, cfg.kernels
+
+    def new_slot(self) -> Slot:
+        return KVSlot(keep=self.window - 1)  # window - 1 tokens: with the next one, a whole window
+
+    def cost(self, T: int) -> float:
+        """A query reads min(W, T/2) keys on average, full attention T/2."""
+        return min(self.window, T / 2) / (T / 2)
+
+    def settings(self) -> dict:
+        return dict(window=self.window)
 
     def forward(self, p: LayerInput) -> torch.Tensor:
         q, k, v = p.q_rope, p.k_rope, p.v  # (B, T, heads, D)
-        if p.cache is not None:  # keep window - 1 tokens: with the next one, a whole window
-            slot = cache_slot(p.cache, self.layer_idx, lambda: KVSlot(keep=self.window - 1))
-            k, v = (t.transpose(1, 2) for t in slot.append(k.transpose(1, 2), v.transpose(1, 2)))
+        if p.cache is not None:
+            k, v = (t.transpose(1, 2) for t in self.slot_in(p).append(k.transpose(1, 2), v.transpose(1, 2)))
         T, S = q.shape[1], k.shape[1]  # the S keys are the last S positions, ending at the last query
         if p.mask is None and T == S and use_fla(q, self.kernels):
             from fla.ops.attn import parallel_attn
@@ -406,16 +453,18 @@ def gdn(q, k, v, g, beta, state=None, final=False, kernels="auto"):
     return gdn_chunked(q, k, v, g, beta, scale, state)
 
 
-class LinearAttention(nn.Module):
-    """What GLA and Gated DeltaNet share. Copied from the teacher, frozen and shared with the other candidates:
+class LinearAttention(Operator):
+    """What GLA, Gated DeltaNet and RWKV-7 share. Copied from the teacher, frozen and shared with the other candidates:
     the q/k/v/o projections. New, and trained by prepare_candidates.py: per-head maps on q and k (identity at
     the start), each operator's gates, and a per-head output RMSNorm, since a linear-attention read-out has
-    no softmax normaliser and its scale is not the teacher's. All new parameters are fp32 (they are small)."""
+    no softmax normaliser and its scale is not the teacher's. All new parameters are fp32 (they are small).
+    During generation it keeps a recurrent state (B, H, D, D) per layer."""
+    slot = StateSlot
 
     def __init__(self, attn: nn.Module, cfg: Config):
-        super().__init__()
+        super().__init__(attn, cfg)
         c = attn.config
-        self.layer_idx, self.kernels, D = attn.layer_idx, cfg.kernels, attn.head_dim
+        self.kernels, self.head_dim, D = cfg.kernels, attn.head_dim, attn.head_dim
         self.heads, self.groups = c.num_attention_heads, attn.num_key_value_groups
         self.q_map = nn.Parameter(torch.eye(D).repeat(c.num_attention_heads, 1, 1))   # (H, D, D)
         self.k_map = nn.Parameter(torch.eye(D).repeat(c.num_key_value_heads, 1, 1))   # (Hkv, D, D)
@@ -431,9 +480,13 @@ class LinearAttention(nn.Module):
             k, v = (t * valid[:, :, None, None] for t in (k, v))
         return q, k, v
 
+    def cost(self, T: int) -> float:
+        """A token reads and writes a D x D state per head: about 2D keys' worth, against T/2 for full attention."""
+        return min(1.0, 2 * self.head_dim / (T / 2))
+
     def run(self, p: LayerInput, kernel, *args) -> torch.Tensor:
         """Run the recurrence, from and into this layer's cache slot during generation; normalise per head."""
-        slot = None if p.cache is None else cache_slot(p.cache, self.layer_idx, StateSlot)
+        slot = self.slot_in(p)
         o, state = kernel(*args, state=None if slot is None else slot.state, final=slot is not None,
                           kernels=self.kernels)
         if slot is not None:
@@ -444,6 +497,7 @@ class LinearAttention(nn.Module):
 class GLA(LinearAttention):
     """Gated Linear Attention (Yang et al. 2024): a per-key-channel forget gate from a rank-16 projection,
     logsigmoid / 16 as in the paper, so memory fades slowly at the start; floored at e^-5 per token."""
+    code = "G"
     floor = -5.0
 
     def __init__(self, attn: nn.Module, cfg: Config):
@@ -460,6 +514,7 @@ class GLA(LinearAttention):
 class GatedDeltaNet(LinearAttention):
     """Gated DeltaNet (Yang et al. 2025): a delta-rule memory with L2-normalised keys, a write strength beta and
     a decay per head, g = -exp(A_log) softplus(x W + b) as in Mamba2."""
+    code = "D"
 
     def __init__(self, attn: nn.Module, cfg: Config):
         super().__init__(attn, cfg)
@@ -482,9 +537,298 @@ class GatedDeltaNet(LinearAttention):
         return self.run(p, gdn, q, k, v, g, beta.to(q.dtype))  # fla wants beta in q's dtype
 
 
-# The registry: its order fixes the columns of alpha. A new operator is one class with the constructor
-# (attn, cfg) and forward(LayerInput) -> (B, T, H, D), plus one line here (README: "Adding an operator").
-CANDIDATES = {"full": FullAttention, "swa": SlidingWindowAttention, "gla": GLA, "gdn": GatedDeltaNet}
+# --- RWKV-7: a generalised delta rule, S_t = diag(e^w_t) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T, in three forms as
+# --- GLA and Gated DeltaNet (the recurrence, a chunked form for the CPU, fla's kernels on CUDA).
+# RWKV-7 bounds its log decay below, w = -e^-0.5 sigmoid(.) >= RWKV7_MIN_LOG_DECAY: fla's chunk kernel then runs in
+# chunks of 64 on tensor cores (its `lower_bound`), and rwkv7_chunked's factors e^(32 * 0.61) stay far inside fp32.
+RWKV7_MIN_LOG_DECAY = -math.exp(-0.5)
+
+
+def rwkv7_recurrent(q, w, k, v, a, b, scale, state=None):
+    """RWKV-7's state update, one token at a time, in fla's convention (fla/ops/generalized_delta_rule/dplr/naive.py,
+    which fla.ops.rwkv7 computes): a decay per key channel, then a rank-one correction read from the old state:
+        S_t = diag(exp(w_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T,   o_t = scale q_t S_t.
+    RWKV-7 takes a = -kk, b = kk * eta: it removes a share eta (the in-context learning rate) of what the memory
+    holds at the normalised key kk, and writes v at k. q, w, k, a, b: (B, T, H, K), w the log decay (<= 0);
+    v: (B, T, H, V). Returns o (B, T, H, V), S."""
+    B, T, H, K = q.shape
+    S = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float) if state is None else state.float()
+    q, w, k, v, a, b = (t.float() for t in (q, w, k, v, a, b))
+    out = []
+    for t in range(T):
+        read = torch.einsum("bhk,bhkv->bhv", a[:, t], S)                # a_t^T S_{t-1}: (B, H, V)
+        S = S * w[:, t, :, :, None].exp() + b[:, t, :, :, None] * read[:, :, None, :] \
+            + k[:, t, :, :, None] * v[:, t, :, None, :]
+        out.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+    return torch.stack(out, 1), S
+
+
+def rwkv7_chunked(q, w, k, v, a, b, scale, state=None, C=32):
+    """rwkv7_recurrent, C tokens at a time (the WY form of fla's chunk_dplr, written out). With G_i the cumulative log
+    decay from the chunk's start through token i, the reads u_i = a_i^T S_{i-1} solve the triangular system
+        (I - A_ab) U = (a e^(G-w)) S0 + A_ak V,   A_xy[i, j] = sum_c x_ic e^(G_(i-1),c - G_jc) y_jc  for j < i,
+    and then o_i = (q_i e^G_i) S0 + sum_{j<=i} (q_i e^(G_i - G_j)).(k_j v_j + b_j u_j). The decays are factored,
+    (x e^G_i).(y e^-G_j); w >= RWKV7_MIN_LOG_DECAY keeps each factor below e^20. Same arguments and results."""
+    B, T, H, K = q.shape
+    q, w, k, v, a, b = chunks(C, q * scale, w, k, v, a, b)              # (B, H, N, C, K|V)
+    G = w.cumsum(-2)                                                    # decay through token i
+    qG, aG = q * G.exp(), a * (G - w).exp()                             # they read S_i and S_(i-1)
+    kG, bG = k * (-G).exp(), b * (-G).exp()                             # written at j, seen from the chunk's start
+    ones = torch.ones(C, C, dtype=torch.bool, device=q.device)
+    upto, before = ones.tril(), ones.tril(-1)                           # j <= i, j < i
+    A_qk, A_qb = ((qG @ y.transpose(-1, -2)).masked_fill(~upto, 0) for y in (kG, bG))      # (B, H, N, C, C)
+    A_ak, A_ab = ((aG @ y.transpose(-1, -2)).masked_fill(~before, 0) for y in (kG, bG))
+    eye = torch.eye(C, device=q.device)
+    Tinv = torch.linalg.solve_triangular(eye - A_ab, eye.expand_as(A_ab), upper=False)      # (I - A_ab)^-1
+    U0, W = Tinv @ (A_ak @ v), Tinv @ aG                                # U = U0 + W @ S0
+    S = q.new_zeros(B, H, K, v.shape[-1]) if state is None else state.float()
+    out = []
+    for qn, vn, kn, bn, Gn, U0n, Wn, A_qkn, A_qbn in zip(*(t.unbind(2) for t in (qG, v, k, b, G, U0, W, A_qk, A_qb))):
+        U = U0n + Wn @ S                                                # the reads a_i^T S_(i-1): (B, H, C, V)
+        out.append(qn @ S + A_qkn @ vn + A_qbn @ U)
+        decay = (Gn[:, :, -1:] - Gn).exp()                              # from token j to the chunk's end
+        S = S * Gn[:, :, -1, :, None].exp() + (kn * decay).transpose(-1, -2) @ vn + (bn * decay).transpose(-1, -2) @ U
+    o = rearrange(torch.stack(out, 2), "b h n c v -> b (n c) h v")[:, :T]
+    return o, S
+
+
+@torch.compiler.disable
+def rwkv7(q, w, k, v, a, b, state=None, final=False, kernels="auto"):
+    """RWKV-7 on the fast path that fits, as gla(): fla.ops.rwkv7 on CUDA (chunk_rwkv7, or fused_recurrent_rwkv7
+    for one token), rwkv7_chunked elsewhere. fla's kernels want every input in one dtype."""
+    scale = q.shape[-1] ** -0.5
+    if use_fla(q, kernels):
+        from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+        if q.shape[1] == 1:
+            return fused_recurrent_rwkv7(q, w, k, v, a, b, scale=scale, initial_state=state, output_final_state=final)
+        return chunk_rwkv7(q, w, k, v, a, b, scale=scale, initial_state=state, output_final_state=final,
+                           lower_bound=RWKV7_MIN_LOG_DECAY)
+    return rwkv7_chunked(q, w, k, v, a, b, scale, state)
+
+
+class RWKV7(LinearAttention):
+    """RWKV-7 "Goose" (Peng et al. 2025, arXiv 2503.14456) on the teacher's q/k/v: a delta rule with a decay per key
+    channel and an in-context learning rate, built as fla/layers/rwkv7.py builds it:
+        w   = -e^-0.5 sigmoid(x W_w)   log decay per channel, in (-0.61, 0)
+        eta = sigmoid(x W_a)           in-context learning rate per channel
+        kk  = normalize(k * k_k)       the key at which the memory is corrected, per head
+        k  <- k * (1 + (eta - 1) k_a)  the key written (k_a = 1: write as much as was removed)
+        S_t = diag(e^w_t) S_{t-1} - (kk_t eta_t) (kk_t^T S_{t-1}) + k_t v_t^T   (rwkv7_recurrent: a = -kk, b = kk eta)
+    W_w and W_a are rank-16 projections of the layer input (a tanh between for the decay, as in RWKV-7's LoRAs) and
+    start at their biases: decays spread over each head's channels from e^-0.0015 (a memory of ~670 tokens) to
+    e^-0.38, eta = 1/2. Left out, since the teacher's projections stand in for RWKV's own: token shift, the value
+    residual, the output gate and the r_k bonus; the output RMSNorm does the work of RWKV's GroupNorm."""
+    code = "R"
+
+    def __init__(self, attn: nn.Module, cfg: Config):
+        super().__init__(attn, cfg)
+        C, H, D = attn.config.hidden_size, self.heads, attn.head_dim
+        self.decay = nn.Sequential(nn.Linear(C, 16, bias=False), nn.Tanh(), nn.Linear(16, H * D))
+        self.rate = nn.Sequential(nn.Linear(C, 16, bias=False), nn.Linear(16, H * D))
+        with torch.no_grad():
+            for up in (self.decay[-1], self.rate[-1]):
+                up.weight.zero_()
+            self.decay[-1].bias.copy_(torch.linspace(-6, 0.5, D).repeat(H))   # sigmoid: 0.0025 .. 0.62
+            self.rate[-1].bias.zero_()
+        self.k_k = nn.Parameter(torch.ones(H, D))
+        self.k_a = nn.Parameter(torch.ones(H, D))
+
+    def forward(self, p: LayerInput) -> torch.Tensor:
+        q, k, v = self.qkv(p)                                                     # (B, T, H, D); k, v 0 at padding
+        x = p.x.float()
+        w = RWKV7_MIN_LOG_DECAY * torch.sigmoid(self.decay(x)).view(q.shape)    # (B, T, H, D), fp32
+        eta = torch.sigmoid(self.rate(x)).view(q.shape)
+        kk = F.normalize(k.float() * self.k_k, dim=-1)                            # 0 at padding: no correction
+        k = k.float() * (1 + (eta - 1) * self.k_a)
+        w, k, a, b = (t.to(q.dtype) for t in (w, k, -kk, kk * eta))              # fla: one dtype throughout
+        return self.run(p, rwkv7, q, w, k, v, a, b)
+
+
+# --- NAtS: token-level attention. Each key/value head gives each token one of three types, in this order.
+GLOBAL, LOCAL, WINDOW = range(3)
+
+
+def nats_mask(types, globals_k, pos_k, globals_q, pos_q, window: int) -> torch.Tensor:
+    """NAtS' attention mask (Deng & Lindauer 2025): which keys each query sees, from the keys' types, as 0/1 in
+    floating point, so that preparation's straight-through types pass their gradient. Query i sees key j <= i if j is
+      global  kept to the end;
+      local   kept until the next global token: no global token came after j and before i (a global token still
+              sees the local tokens before it, and closes their segment, as in NAtS' code);
+      window  kept for `window` steps: i - j < window, its own step included.
+    types: (B, Hkv, S, 3) one-hot (zeros: a padding token, never seen); globals_k: (B, Hkv, S) global tokens up to and
+    including each key; globals_q: (B, Hkv, T) global tokens before each query; pos_k (S,), pos_q (T,) positions.
+    Returns (B, Hkv, T, S)."""
+    g, l, s = (t[..., None, :] for t in types.unbind(-1))              # (B, Hkv, 1, S)
+    dist = pos_q[:, None] - pos_k[None, :]                             # (T, S)
+    between = globals_q[..., :, None] - globals_k[..., None, :]        # global tokens after j, before i: 0 keeps j
+    return (g + s * (dist < window) + l * (1 - between).clamp(0, 1)) * (dist >= 0)
+
+
+def masked_attention(q, k, v, m, scale: float) -> torch.Tensor:
+    """Softmax attention over the keys that m (0/1) keeps, written out so that it is differentiable in m too:
+    sum_j m_ij e^s_ij v_j / sum_j m_ij e^s_ij, in fp32. q: (B, H, T, D); k, v: (B, H, S, D); m: (B, H, T, S)."""
+    dtype, (q, k, v) = q.dtype, (t.float() for t in (q, k, v))
+    s = (q @ k.transpose(-1, -2)) * scale
+    top = s.masked_fill(m < 0.5, -math.inf).amax(-1, keepdim=True).detach()  # the largest kept score: the sum >= 1
+    e = (s - top).clamp(max=60).exp() * m   # clamped: a dropped key far above the kept ones does not overflow
+    return ((e @ v) / e.sum(-1, keepdim=True)).to(dtype)
+
+
+class NAtSSlot(Slot):
+    """NAtS' cache: keys and values (B, Hkv, S, D) of the tokens that a later query may still see, with what decides
+    for how long (as nats_mask takes it: types, global counts, positions). A column stays while one row or head
+    still keeps it; nats_mask masks it where it is gone."""
+
+    def __init__(self):
+        super().__init__()
+        self.types = self.globals = self.pos = self.globals_so_far = None
+
+    def append(self, k, v, types, globals_k, pos):
+        """Add this step's tokens; return the keys, values, types, global counts and positions it attends to."""
+        self.seen += k.shape[-2]
+        self.globals_so_far = globals_k[..., -1:]                       # (B, Hkv, 1), for the next step's count
+        if self.keys is not None:
+            k, v, types, globals_k = (torch.cat([old, new], 2) for old, new in
+                                      zip((self.keys, self.values, self.types, self.globals), (k, v, types, globals_k)))
+            pos = torch.cat([self.pos, pos])
+        self.keys, self.values, self.types, self.globals, self.pos = k, v, types, globals_k, pos
+        self.is_initialized = True
+        return k, v, types, globals_k, pos
+
+    def drop(self, window: int):
+        """Drop the tokens that no later query sees, in no row and no head (NAtS' rules never bring one back)."""
+        later = nats_mask(self.types, self.globals, self.pos, self.globals_so_far, self.pos[-1:] + 1, window)
+        keep = (later[..., 0, :] > 0.5).flatten(0, 1).any(0)           # (S,)
+        self.keys, self.values, self.types, self.globals = (t[:, :, keep] for t in
+                                                            (self.keys, self.values, self.types, self.globals))
+        self.pos = self.pos[keep]
+
+
+class NAtS(Operator):
+    """Neural Attention Search's token-level attention (Deng & Lindauer 2025, arXiv 2502.13251, and the AutoML blog
+    post "Neural Attention Search"; code: github.com/automl/NeuralAttentionSearch) as a candidate: the teacher's
+    softmax attention, in which each key/value head keeps each token for as long as its type says (nats_mask:
+    global, local or window, `--window` steps as swa). A scorer, a linear layer on the layer input, chooses the
+    types: one of three per token and key/value head (NAtS' scorer too has one set per key/value head); the first
+    token of a sequence is global (NAtS does the same: the attention sink stays). The scorer starts at zero, where
+    ties make every token global: the teacher's own attention.
+    Preparation trains the scorer on the alignment loss plus `sparsity` times the share of kept (query, key) pairs
+    (extra_loss). The choice is straight-through: the forward pass uses the top-scoring type, the gradient flows
+    through the softmax of the scores and through the explicit mask (masked_attention). NAtS' code samples the
+    choice with Gumbel noise; here it is deterministic, so that preparation is reproducible. sparsity = 0.1: with it,
+    keeping every pair costs as much as an alignment loss of 0.1, about what a window alone loses on the small
+    teacher (swa's nmse, 0.01 to 0.3 by layer), so a layer keeps more only where a window falls short.
+    Elsewhere the types are hard: the search and the hybrids run sdpa with the boolean mask (fla has no kernel for
+    this mask, so on CUDA it costs full attention's FLOPs and a (B, H, T, T) mask; the saving is the hybrid's cache,
+    which keeps per key/value head only the tokens that a later query may see: NAtSSlot).
+    Cost: what preparation measured on held-out batches (observe): the share d of kept pairs at its sequence length
+    L and the share g of global tokens. Global tokens stay to the end, the others for a bounded time, so at context
+    T the share is about g + (d - g) L / T."""
+    code = "N"
+    slot = NAtSSlot
+    sparsity = 0.1
+
+    def __init__(self, attn: nn.Module, cfg: Config):
+        super().__init__(attn, cfg)
+        c = attn.config
+        self.scaling, self.window = attn.scaling, cfg.window
+        self.groups, self.kv_heads = attn.num_key_value_groups, c.num_key_value_heads
+        self.scorer = nn.Linear(c.hidden_size, 3 * self.kv_heads)
+        nn.init.zeros_(self.scorer.weight)
+        nn.init.zeros_(self.scorer.bias)
+        self.register_buffer("kept", torch.tensor(1.0))          # measured share of kept (query, key) pairs ...
+        self.register_buffer("global_share", torch.tensor(1.0))  # ... and of global tokens ...
+        self.register_buffer("kept_len", torch.tensor(1.0))      # ... on sequences of this length
+        self.observed, self.kept_now = 0, None
+
+    def settings(self) -> dict:
+        return dict(window=self.window, sparsity=self.sparsity)
+
+    def cost(self, T: int) -> float:
+        g, d, L = float(self.global_share), float(self.kept), float(self.kept_len)
+        return min(1.0, g + max(0.0, d - g) * L / T)
+
+    @property
+    def learning(self) -> bool:
+        """Preparation trains the scorer: straight-through types and the explicit mask."""
+        return torch.is_grad_enabled() and self.scorer.weight.requires_grad
+
+    def types(self, p: LayerInput, first: bool) -> torch.Tensor:
+        """(B, Hkv, T, 3) one-hot token types: the scorer's top type (straight-through while learning); none (zeros)
+        at padding; global for the first token of each sequence if this step has it."""
+        B, T = p.x.shape[:2]
+        scores = self.scorer(p.x.float()).view(B, T, self.kv_heads, 3).transpose(1, 2)   # (B, Hkv, T, 3)
+        types = F.one_hot(scores.argmax(-1), 3).float()
+        if self.learning:
+            soft = scores.softmax(-1)
+            types = types + soft - soft.detach()
+        valid = valid_tokens(p)
+        if first:  # the first token after any left padding: (B or 1, T)
+            start = (torch.arange(T, device=scores.device) == 0)[None] if valid is None else valid.cumsum(1) == 1
+            types = torch.where(start[:, None, :, None], F.one_hot(torch.tensor(GLOBAL), 3).to(types), types)
+        return types if valid is None else types * valid[:, None, :, None]
+
+    def mask(self, p: LayerInput, slot: NAtSSlot | None = None):
+        """This step's mask over the keys its queries may see, (B, Hkv, T, S), with those keys and values (B, Hkv, S, D)
+        and the step's types; with a slot, the step's tokens join it, and what no later query sees leaves it."""
+        k, v = p.k_rope.transpose(1, 2), p.v.transpose(1, 2)
+        seen = 0 if slot is None else slot.seen
+        types = self.types(p, first=seen == 0)
+        g = types[..., GLOBAL]                                          # (B, Hkv, T)
+        before = g.cumsum(-1) - g + (0 if seen == 0 else slot.globals_so_far)   # global tokens before each query
+        pos = torch.arange(seen, seen + k.shape[2], device=k.device)
+        keys = (k, v, types, before + g, pos)
+        if slot is not None:
+            keys = slot.append(*keys)
+        k, v, types_k, globals_k, pos_k = keys
+        m = nats_mask(types_k, globals_k, pos_k, before, pos, self.window)
+        m = torch.where(pos[:, None] == pos_k, 1.0, m)  # every query sees itself (padding too: no empty row)
+        if slot is not None:
+            slot.drop(self.window)
+        return m, k, v, types
+
+    def forward(self, p: LayerInput) -> torch.Tensor:
+        m, k, v, types = self.mask(p, self.slot_in(p))
+        q = p.q_rope.transpose(1, 2)                                    # (B, H, T, D)
+        if self.learning:
+            k, v, mh = (t.repeat_interleave(self.groups, 1) for t in (k, v, m))
+            y = masked_attention(q, k, v, mh, self.scaling)
+            self.kept_now = self.share(m, types)
+        else:
+            keep = (m > 0.5).repeat_interleave(self.groups, 1)          # (B, H, T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scaling, enable_gqa=True)
+        return y.transpose(1, 2)                                        # (B, T, H, D)
+
+    @staticmethod
+    def share(m: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        """The share of causal (query, key) pairs of real tokens that the mask keeps (a whole sequence: T = S)."""
+        real = types.detach().sum(-1) > 0.5                             # (B, Hkv, T): not padding
+        pairs = real[..., :, None] & real[..., None, :] & torch.ones_like(m, dtype=torch.bool).tril()
+        return (m * pairs).sum() / pairs.sum()
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """The sparsity term of the forward pass just run."""
+        kept, self.kept_now = self.kept_now, None
+        return None if kept is None else self.sparsity * kept
+
+    @torch.no_grad()
+    def observe(self, p: LayerInput):
+        """Measure the shares of kept pairs and of global tokens (means over the held-out batches shown)."""
+        m, _, _, types = self.mask(p)
+        real = types.sum(-1) > 0.5
+        n = self.observed
+        for buf, value in ((self.kept, self.share(m, types)), (self.global_share, types[..., GLOBAL][real].mean())):
+            buf.copy_((buf * n + value) / (n + 1))
+        self.kept_len.fill_(m.shape[-1])
+        self.observed = n + 1
+
+
+# The registry: its order fixes the columns of alpha. A new operator is one Operator subclass with the constructor
+# (attn, cfg), forward(LayerInput) -> (B, T, H, D) and its protocol (code, slot, cost, ...), plus one line here
+# (README: "Adding an operator"). FULL, the teacher's own attention, is special by design: every search keeps it.
+FULL = "full"
+CANDIDATES = {FULL: FullAttention, "swa": SlidingWindowAttention, "gla": GLA, "gdn": GatedDeltaNet, "rwkv7": RWKV7,
+              "nats": NAtS}
 
 
 def candidate_names(spec: str) -> list[str]:
@@ -492,15 +836,15 @@ def candidate_names(spec: str) -> list[str]:
     for n in names:
         if n not in CANDIDATES:
             raise DashError(f"unknown operator {n!r}; known operators: {', '.join(CANDIDATES)}")
-    if "full" not in names or len(names) < 2 or len(set(names)) != len(names):
-        raise DashError(f"--candidates {spec!r}: need 'full' and at least one other operator, each once")
+    if FULL not in names or len(names) < 2 or len(set(names)) != len(names):
+        raise DashError(f"--candidates {spec!r}: need '{FULL}' and at least one other operator, each once")
     return names
 
 
-def op_cost(name: str, D: int, window: int, T: int) -> float:
-    """Token-mixing FLOPs per token and head at context T, relative to full attention (projections are shared):
-    full reads T/2 keys on average, a window min(W, T/2), a linear layer a D x D state (about 2D 'keys')."""
-    return {"full": 1.0, "swa": min(window, T / 2) / (T / 2)}.get(name, min(1.0, 2 * D / (T / 2)))
+def trainable(op: nn.Module) -> bool:
+    """Whether an operator has parameters to align: prepare_candidates.py trains them, build_hybrid() loads them."""
+    return any(True for _ in op.parameters())
+
 
 # ----------------------------------------------------------------------------- mixed layer
 
@@ -681,8 +1025,9 @@ def set_probs(model, w: torch.Tensor | None, active: list | None = None, grad: s
 
 
 def load_op(op: nn.Module, state: dict[str, torch.Tensor], prefix: str, where: str = "the candidate file"):
-    """Load prepared parameters (keys '<prefix><param>', prefix 'layers.<l>.<op>.') into one operator."""
-    for pname, param in op.named_parameters():
+    """Load prepared parameters (keys '<prefix><name>', prefix 'layers.<l>.<op>.') into one operator: its parameters
+    and persistent buffers (what preparation measured, e.g. NAtS' share of kept tokens)."""
+    for pname, param in op.state_dict(keep_vars=True).items():
         if prefix + pname not in state:
             raise DashError(f"{where} has no weights for {prefix + pname}: prepare the candidates for this model "
                             f"and operator set (python prepare_candidates.py --model ...)")
@@ -883,6 +1228,14 @@ def nmse(op, attn, x, rope, target) -> torch.Tensor:
     return (y.float() - target.float()).pow(2).mean() / target.float().pow(2).mean()
 
 
+def aligned_loss(op, attn, x, rope, target) -> torch.Tensor:
+    """What the alignment minimises: the nmse, plus the term the operator adds to it (Operator.extra_loss(), e.g.
+    NAtS' sparsity), from the same forward pass."""
+    loss = nmse(op, attn, x, rope, target)
+    extra = op.extra_loss()
+    return loss if extra is None else loss + extra
+
+
 def calibrate(model, ops, ids):
     """Start each output norm at its least-squares scale against the teacher, so training starts below nmse 1:
     a linear read-out has no softmax normaliser, and unit RMS per head can be far from the teacher's."""
@@ -895,21 +1248,25 @@ def calibrate(model, ops, ids):
                     op.norm.mul_(((y * target.float()).sum() / y.pow(2).sum()).clamp_min(1e-3))
 
 
-def alignment_loss(model, ops, batches) -> list[dict[str, float]]:
-    """Per layer and operator, the mean nmse over some batches."""
+def alignment_loss(model, ops, batches, observe: bool = False) -> list[dict[str, float]]:
+    """Per layer and operator, the mean nmse over some batches. observe: first show each operator the batch
+    (Operator.observe(): what its cost needs measured, after alignment)."""
     attns, total = teacher_attention(model), [{n: 0.0 for n in ops[0]} for _ in ops]
     for ids in batches:
         for l, (x, rope, target) in enumerate(capture(model, ids)):
             with torch.no_grad():
                 for n, op in ops[l].items():
+                    if observe:
+                        op.observe(project(attns[l], x, rope))
                     total[l][n] += nmse(op, attns[l], x, rope, target).item() / len(batches)
     return total
 
 
 def candidate_state(ops) -> dict[str, torch.Tensor]:
-    """The operators' parameters, keys 'layers.<l>.<op>.<param>', fp32 on the CPU."""
-    return {f"layers.{l}.{n}.{k}": p.detach().float().cpu().contiguous()
-            for l, layer in enumerate(ops) for n, op in layer.items() for k, p in op.named_parameters()}
+    """Every operator's parameters and persistent buffers (what it measured), keys 'layers.<l>.<op>.<name>', fp32
+    on the CPU, as load_op() reads them."""
+    return {f"layers.{l}.{n}.{k}": t.detach().float().cpu().contiguous()
+            for l, layer in enumerate(ops) for n, op in layer.items() for k, t in op.state_dict().items()}
 
 
 def save_atomic(obj, path: Path):
@@ -951,9 +1308,9 @@ def align(model, names: list[str], cfg: Config, data: dict, path: Path, fp: dict
     for step in tqdm(range(start, steps), desc="align", unit="step", initial=start, total=steps):
         losses = []
         for l, (x, rope, target) in enumerate(capture(model, train[step].to(device))):
-            trainable = [op for op in ops[l].values() if has_parameters(op)]
+            trainable = [op for op in ops[l].values() if trainable(op)]
             if trainable:  # one layer's graph at a time: backward right away
-                loss = sum(nmse(op, attns[l], x, rope, target) for op in trainable)
+                loss = sum(aligned_loss(op, attns[l], x, rope, target) for op in trainable)
                 loss.backward()
                 losses.append(loss.detach() / len(trainable))
         if optimizer:
@@ -965,11 +1322,12 @@ def align(model, names: list[str], cfg: Config, data: dict, path: Path, fp: dict
         if optimizer and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
             save_atomic(dict(fingerprint=fp, step=step + 1, elapsed=time.time() - t0, state=candidate_state(ops),
                              optimizer=optimizer.state_dict(), sched=sched.state_dict(), before=before), partial)
-    after = alignment_loss(model, ops, held_out)
+    after = alignment_loss(model, ops, held_out, observe=True)
     report = dict(fingerprint=fp, data=data["record"], wall_time_s=round(time.time() - t0, 1), device=str(device),
                   curve=[round(c, 5) for c in curve], step_times=step_times,
-                  layers=[{n: dict(before=round(b[n], 5), after=round(a[n], 5)) for n in names}
-                          for b, a in zip(before, after)])
+                  trained=[n for n in names if trainable(ops[0][n])],
+                  layers=[{n: dict(before=round(b[n], 5), after=round(a[n], 5), cost=round(at[n].cost(cfg.seq_len), 5))
+                           for n in names} for b, a, at in zip(before, after, ops)])  # cost at the sequence length
     from safetensors.torch import save_file
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(candidate_state(ops), str(path), metadata={"fingerprint": json.dumps(fp)})
@@ -988,10 +1346,6 @@ def alignment_table(report: dict) -> str:
     for l, layer in enumerate(report["layers"]):
         rows.append(f"{l:>5} " + "".join(f"{layer[n]['before']:>8.4f} -> {layer[n]['after']:<6.4f}" for n in names))
     return "\n".join(rows)
-
-
-def has_parameters(op: nn.Module) -> bool:
-    return any(True for _ in op.parameters())
 
 
 @functools.lru_cache  # once per process: the code that runs, even if its file is edited during a long run
@@ -1081,16 +1435,16 @@ def teacher_parameters(model):
             if "self_attn.ops." not in n and "self_attn.op." not in n]
 
 
-def operator_settings(names: list[str], cfg: Config) -> dict:
-    """Per operator: the digest of its definition, and its settings (the window of a windowed one)."""
-    return {n: dict(source=definition_digest(CANDIDATES[n]),
-                    **({"window": cfg.window} if n == "swa" else {})) for n in names}
+def operator_settings(model, names: list[str], cfg: Config) -> dict:
+    """Per operator: the digest of its definition, and its settings (Operator.settings(): a window, say)."""
+    attn = teacher_attention(model)[0]
+    return {n: dict(source=definition_digest(CANDIDATES[n]), **CANDIDATES[n](attn, cfg).settings()) for n in names}
 
 
 def fingerprint(model, names: list[str], cfg: Config, data: dict) -> dict:
     """Everything that shapes prepared candidate weights: the teacher (config and weights, by content), the
     operators (definitions and settings), the data actually used (by content), dtype and training settings."""
-    return dict(model=Path(cfg.model).name, **model_digest(model), operators=operator_settings(names, cfg),
+    return dict(model=Path(cfg.model).name, **model_digest(model), operators=operator_settings(model, names, cfg),
                 dtype=str(next(model.parameters()).dtype), data=data["record"]["prep"], seq_len=cfg.seq_len,
                 batch_size=cfg.batch_size, lr=cfg.prep_lr, seed=cfg.prep_seed)
 
@@ -1138,7 +1492,7 @@ def read_candidates(path: str | Path, expect: dict) -> dict[str, torch.Tensor]:
 
 def hybrid_expectation(model, names: list[str], cfg: Config) -> dict:
     """What a built hybrid can check of its candidate file: the teacher and the operators' definitions."""
-    return dict(**model_digest(model), operators=operator_settings(names, cfg))
+    return dict(**model_digest(model), operators=operator_settings(model, names, cfg))
 
 
 def load_or_prepare(model, names: list[str], cfg: Config, data: dict) -> tuple[str, dict]:
@@ -1200,14 +1554,14 @@ def chunked_kl(h_student, h_teacher, head: nn.Linear, chunk: int, terms=kl_terms
 def regularizers(w: torch.Tensor, names: list[str], cfg: Config, costs: torch.Tensor, progress: float) -> dict:
     """The terms added to the KL, each already weighted. w: (L, n_ops) operator probabilities.
     budget     = b * (E - K)^2 / L          E = sum_l w_l[full], the expected number of full-attention layers
-    cost       = c * mean_l sum_i w_li cost_i               cost_i from op_cost(), full = 1
+    cost       = c * mean_l sum_i w_li cost_li              cost_li: Operator.cost() at --cost-len, full = 1
     entropy    = e * progress * mean_l H(w_l) / log(n_ops)  ramped in: explore first, decide at the end
     continuity = s * mean_l 1/2 |w_l - w_{l-1}|_1           total variation between adjacent layers"""
     L, n = w.shape
     expected_full = w[:, names.index("full")].sum()
     terms = {"budget": cfg.budget * (expected_full - cfg.k) ** 2 / L}
     if cfg.cost:
-        terms["cost"] = cfg.cost * (w @ costs).mean()
+        terms["cost"] = cfg.cost * (w * costs).sum(-1).mean()  # costs: (L, n_ops), or (n_ops,) alike in all layers
     if cfg.entropy:
         terms["entropy"] = cfg.entropy * progress * -(w * w.clamp_min(1e-12).log()).sum(-1).mean() / math.log(n)
     if cfg.continuity:
@@ -1272,8 +1626,8 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: 
     optimizer = torch.optim.Adam([alpha], lr=cfg.lr, betas=(0.5, 0.999))   # DARTS' optimizer for the logits
     frozen = sum(p.numel() for p in model.parameters())
     print(f"trainable: alpha {tuple(alpha.shape)} = {alpha.numel()} logits; frozen: {frozen:,} weights")
-    D = teacher_attention(model)[0].head_dim
-    costs = torch.tensor([op_cost(n, D, cfg.window, cfg.cost_len) for n in names], device=device)
+    costs = torch.tensor([[layer.self_attn.ops[n].cost(cfg.cost_len) for n in names] for layer in model.model.layers],
+                         device=device)  # (L, n_ops): an operator's cost may depend on its layer (NAtS)
     history, start, elapsed = [], 0, 0.0
     if checkpoint is not None and cfg.resume:
         ck = torch.load(checkpoint, map_location=device)
@@ -1453,7 +1807,7 @@ def candidates_for(model, arch: dict, cfg: Config) -> dict[str, torch.Tensor]:
     """The prepared weights of an architecture's operators, checked against this teacher and the operators'
     definitions (read_candidates); nothing to read if none of its layers has trainable parameters."""
     attn = teacher_attention(model)[0]
-    if not any(has_parameters(CANDIDATES[n](attn, cfg)) for n in set(arch["layers"]) if n in CANDIDATES):
+    if not any(trainable(CANDIDATES[n](attn, cfg)) for n in set(arch["layers"]) if n in CANDIDATES):
         return {}
     return read_candidates(arch["candidate_cache"],
                            hybrid_expectation(model, [n for n in arch["candidates"] if n != "full"], cfg))

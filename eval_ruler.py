@@ -56,8 +56,6 @@ HYBRID_DISTILLATION = {
 }
 
 
-CODES = {"full": "F", "swa": "S", "gla": "G", "gdn": "D"}  # one letter a layer in the tables
-
 # Every baseline --baselines can name; 'random' and 'hd' name families (random-<seed>, hd-<selector>).
 SELECTORS = {
     "uniform": "evenly spaced from layer 0 (hybrid-distillation's uniform)",
@@ -304,8 +302,9 @@ def placements(model, tokenizer, arch: dict, ecfg: EvalConfig, cfg, weights: dic
     for s in range(ecfg.random_seeds):
         if want(f"random-{s}"):
             picks[f"random-{s}"] = sorted(random.Random(s).sample(range(L), K))
-    if report and want("alignment-loss"):  # layer-wise distillation: the layers hardest to replace keep full attention
-        picks["alignment-loss"] = top([min(v["after"] for n, v in layer.items() if n != "swa" or len(layer) == 1)
+    if report and want("alignment-loss"):  # layer-wise distillation: the layers hardest to replace by a trained
+        trained = trained_operators(report)   # operator keep full attention
+        picks["alignment-loss"] = top([min(v["after"] for n, v in layer.items() if n in trained)
                                        for layer in report["layers"]], K)
     if any(want(n) for n in ("recall-importance", "retrieval-score", "nll", "halo")):
         probes = ruler.make_samples("niah_multikey_2", tokenizer, probe_len, ecfg.probes, seed=1000 + ecfg.seed,
@@ -320,7 +319,7 @@ def placements(model, tokenizer, arch: dict, ecfg: EvalConfig, cfg, weights: dic
     if want("nll"):
         picks["nll"] = top(nll_rise(model, tokenizer, probes, weights, cfg), K)
     if want("halo"):
-        text = dash.token_batches(tokenizer, cfg.data, 1, 4, probe_len)[0]  # (4, probe_len)
+        text = dash.token_stream(tokenizer, cfg.data, 4 * probe_len).view(4, probe_len)  # the held-out text first
         picks["halo"] = top(halo_scores(model, tokenizer, probes, text, fill, weights, cfg), K)
     out = {n: {l: "full" for l in layers} for n, layers in picks.items()}
     if L == 36:  # published placements for Qwen2.5-3B-Instruct
@@ -331,6 +330,14 @@ def placements(model, tokenizer, arch: dict, ecfg: EvalConfig, cfg, weights: dic
             if K in by_k and want(f"hd-{sel}"):
                 out[f"hd-{sel}"] = {l: "full" for l in by_k[K]}
     return out
+
+
+def trained_operators(report: dict) -> list[str]:
+    """The operators that preparation trained (all of them if none was). Reports from before it listed them: those
+    whose alignment loss moved."""
+    names = list(report["layers"][0])
+    moved = [n for n in names if any(layer[n]["after"] != layer[n]["before"] for layer in report["layers"])]
+    return report.get("trained", moved) or names
 
 
 def fill_layers(arch: dict, report: dict | None, how: str) -> list[str]:
@@ -430,7 +437,7 @@ def evaluate(ecfg: EvalConfig) -> dict:
     for name, layers in models.items():
         dash.make_hybrid(model, layers, weights, cfg)
         results[name] = {**ruler.run_tasks(model, tokenizer, samples, ecfg.batch_size, name),
-                         "layers": "".join(CODES.get(n, n[0]) for n in layers)}
+                         "layers": "".join(dash.CANDIDATES[n].code for n in layers)}  # one letter a layer
         print(f"{name:>24}: avg {results[name]['avg']:.1f}")
     rand = [r["avg"] for n, r in results.items() if n.startswith("random-")]
     if rand:

@@ -1,5 +1,5 @@
-"""Hybrids generate with caches (KV for full attention, a window for swa, recurrent state for linear layers)
-exactly what they generate recomputing the whole prefix at every step, with left-padded batches."""
+"""Hybrids generate with caches (KV for full attention, a window for swa, recurrent state for linear layers, the
+tokens NAtS still keeps) exactly what they generate recomputing the whole prefix at every step, with left-padded batches."""
 import pytest
 import torch
 
@@ -19,11 +19,14 @@ def greedy_recompute(model, ids, mask, n):
 
 @pytest.fixture(scope="module")
 def prepared(tiny_dir, text_file, tmp_path_factory):
-    return prepared_state(tiny_dir, text_file, tmp_path_factory.mktemp("c") / "c.safetensors")
+    """Candidate weights for the tiny model, every registered operator (so that none is at its initial values)."""
+    return prepared_state(tiny_dir, text_file, tmp_path_factory.mktemp("c") / "c.safetensors",
+                          names=tuple(dash.CANDIDATES))
 
 
-@pytest.mark.parametrize("layers", [["full"] * 4, ["swa"] * 4, ["gla"] * 4, ["gdn"] * 4,
-                                    ["gla", "full", "swa", "gdn"], ["swa", "gdn", "full", "gla"]])
+@pytest.mark.parametrize("layers", [["full"] * 4, ["swa"] * 4, ["gla"] * 4, ["gdn"] * 4, ["rwkv7"] * 4, ["nats"] * 4,
+                                    ["gla", "full", "swa", "gdn"], ["swa", "gdn", "full", "gla"],
+                                    ["nats", "rwkv7", "full", "nats"]])
 def test_cached_generation_equals_recomputation(tiny_dir, prepared, layers):
     model, tok = dash.load_model(str(tiny_dir))
     dash.make_hybrid(model, layers, prepared, dash.Config(window=5, kernels="torch"))

@@ -35,12 +35,15 @@ def qwen_attention(hidden=2048, heads=16, kv=2, head_dim=128):
     return attn, Qwen2RotaryEmbedding(config).cuda()
 
 
-def run_op(name, attn, rope_emb, x, kernels, dtype):
+def run_op(name, attn, rope_emb, x, kernels, dtype, frozen=False):
+    """One operator's output on x, with its weights moved off their init (the same on every call). frozen: as the
+    search and the hybrids run it (NAtS then takes hard types and sdpa). Casts attn to dtype: fp32 calls first."""
     torch.manual_seed(1)  # the same operator weights on both paths
     op = dash.CANDIDATES[name](attn, dash.Config(window=64, kernels=kernels)).cuda()
     with torch.no_grad():  # away from the identity init, as prepared candidates are
         for p in op.parameters():
             p.add_(0.02 * torch.randn_like(p))
+    op.requires_grad_(not frozen)
     attn = attn.to(dtype)
     x = x.to(dtype).detach().requires_grad_()
     rope = rope_emb(x, torch.arange(x.shape[1], device="cuda")[None])
@@ -49,7 +52,7 @@ def run_op(name, attn, rope_emb, x, kernels, dtype):
     return y, x, op
 
 
-@pytest.mark.parametrize("name", ["gla", "gdn", "swa"])
+@pytest.mark.parametrize("name", ["gla", "gdn", "swa", "rwkv7"])
 @pytest.mark.parametrize("T", [63, 2048])  # odd, and the search length (shapes shared with the benchmark: autotuned once)
 def test_fla_path_matches_the_reference(name, T):
     attn, rope = qwen_attention()
@@ -66,7 +69,7 @@ def test_fla_path_matches_the_reference(name, T):
         assert rms_err(p.grad, p_ref.grad) < TOL["grad"], (name, T, n, rms_err(p.grad, p_ref.grad))
 
 
-@pytest.mark.parametrize("name", ["gla", "gdn"])
+@pytest.mark.parametrize("name", ["gla", "gdn", "rwkv7"])
 def test_fla_decoding_kernel_continues_the_state(name):
     """Prefill with the chunk kernel, then one token with the recurrent kernel == the whole sequence at once."""
     attn, rope = qwen_attention()
@@ -82,6 +85,27 @@ def test_fla_decoding_kernel_continues_the_state(name):
     op(dash.project(attn, x[:, :-1], tuple(t[:, :-1] for t in r), cache=cache))
     last = op(dash.project(attn, x[:, -1:], tuple(t[:, -1:] for t in r), cache=cache))[:, 0]
     assert rms_err(last, whole) < TOL["out"]
+
+
+@pytest.mark.parametrize("T", [63, 2048])
+def test_nats_on_cuda_matches_its_fp32_paths(T):
+    """NAtS has no fla kernel: on CUDA the search and the hybrids run sdpa with its boolean mask in bf16, and
+    preparation the explicit mask (masked_attention). Each against its fp32 run: outputs and input gradients, and
+    the scorer's straight-through gradient. x is representable in bf16, so that both runs choose the same types."""
+    attn, rope = qwen_attention()
+    x = torch.randn(2, T, attn.config.hidden_size, device="cuda").bfloat16().float()
+    runs = {(dtype, frozen): run_op("nats", attn, rope, x, "torch", dtype, frozen)
+            for dtype in (torch.float32, torch.bfloat16) for frozen in (True, False)}  # fp32 first: run_op casts attn
+    dy = torch.randn_like(runs[torch.float32, True][0])
+    for frozen in (True, False):
+        (y_ref, x_ref, op_ref), (y, x_fast, op) = runs[torch.float32, frozen], runs[torch.bfloat16, frozen]
+        assert torch.isfinite(y).all()
+        assert rms_err(y, y_ref) < TOL["out"], (T, frozen, rms_err(y, y_ref))
+        (y_ref * dy).sum().backward()
+        (y.float() * dy).sum().backward()
+        assert rms_err(x_fast.grad, x_ref.grad) < TOL["grad"], (T, frozen, rms_err(x_fast.grad, x_ref.grad))
+    assert rms_err(op.scorer.weight.grad, op_ref.scorer.weight.grad) < TOL["grad"]
+    assert rms_err(runs[torch.float32, False][0], runs[torch.float32, True][0]) < 1e-5  # explicit mask == sdpa
 
 
 def qwen3b(layers=36):
@@ -167,3 +191,33 @@ def test_compiled_layers_match_eager_on_the_fla_path():
     for (kl, g), (kl_c, g_c) in zip(results[:2], results[2:]):
         assert rms_err(kl_c, kl) < TOL["out"] and rms_err(g_c, g) < TOL["grad"], (rms_err(kl_c, kl), rms_err(g_c, g))
     assert rms_err(results[0][1], results[1][1]) > 1e-3  # exact and teacher gradients differ: both were checked
+
+
+def test_rwkv7_and_nats_prepare_search_and_generate_on_the_3b_shape(tmp_path):
+    """The new operators through the whole pipeline at the 3B model's width (4 layers, bf16, fla): preparation with
+    NAtS' explicit mask and sparsity term, a search step, export, and a hybrid with both that passes the check of
+    cached generation against recomputation."""
+    model = qwen3b(layers=4)
+    names = ["full", "rwkv7", "nats"]
+    cfg = dash.resolve(dash.Config(model="qwen3b-shaped", candidates=",".join(names), k=1, tokens=4 * 2048 * 2,
+                                   lr=0.01, window=512, kernels="fla", skip_below=0.0, check_samples=0, cost=0.1,
+                                   data="random", polish=1), 4)
+    batches = torch.randint(0, 151936, (3, 4, 2048))
+    data = random_data(batches, cfg)
+    fp = dash.fingerprint(model, names[1:], cfg, data)
+    torch.cuda.reset_peak_memory_stats()
+    report = dash.align(model, names[1:], cfg, data, tmp_path / "c.safetensors", fp)
+    assert all(math.isfinite(l[n]["after"]) and 0 < l[n]["cost"] <= 1 for l in report["layers"] for n in names[1:])
+    ops = dash.make_ops(model, names, cfg)
+    dash.load_candidates(ops, dash.read_candidates(tmp_path / "c.safetensors", fp))
+    dash.install(model, ops)
+    result = dash.search(model, batches[:2], names, cfg)
+    print(f"peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB")
+    assert all(math.isfinite(h["kl"]) for h in result["history"])
+    arch = dash.export(result, names, cfg, str(tmp_path / "c.safetensors"), data, None)
+    arch["layers"] = ["rwkv7", "full", "nats", "rwkv7"]
+    dash.restore_teacher(model)
+    hybrid, _ = dash.build_hybrid(arch, model=model, cfg=cfg)  # checks cached generation (bf16 tolerance)
+    ids = torch.randint(0, 151936, (2, 600), device="cuda")
+    out = hybrid.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert out.shape == (2, 608)
