@@ -28,6 +28,8 @@ def main():
     ap.add_argument("--ks", default="2,3")
     ap.add_argument("--out", default="results/stability-small")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--compile", action="store_true", help="dash.py --compile on CUDA (off here: the small model's "
+                                                           "search is launch-bound, and each run would compile again)")
     ap.add_argument("--tokens", type=int, default=None, help="search tokens (default: dash.py's)")
     ap.add_argument("--prep-tokens", type=int, default=None, help="alignment tokens (default: dash.py's)")
     args = ap.parse_args()
@@ -37,6 +39,7 @@ def main():
         for seed in map(int, args.seeds.split(",")):
             t0 = time.time()
             arch = dash.run(dash.Config(k=k, seed=seed, check_samples=0, device=args.device, tokens=args.tokens,
+                                        compile=args.compile,
                                         prep_tokens=args.prep_tokens,
                                         out=str(out / f"k{k}-seed{seed}"), log_every=10 ** 9))
             runs.append(dict(k=k, seed=seed, relaxed=arch["relaxed"]["full_layers"],
