@@ -1308,11 +1308,11 @@ def align(model, names: list[str], cfg: Config, data: dict, path: Path, fp: dict
     for step in tqdm(range(start, steps), desc="align", unit="step", initial=start, total=steps):
         losses = []
         for l, (x, rope, target) in enumerate(capture(model, train[step].to(device))):
-            trainable = [op for op in ops[l].values() if trainable(op)]
-            if trainable:  # one layer's graph at a time: backward right away
-                loss = sum(aligned_loss(op, attns[l], x, rope, target) for op in trainable)
+            learners = [op for op in ops[l].values() if trainable(op)]
+            if learners:  # one layer's graph at a time: backward right away
+                loss = sum(aligned_loss(op, attns[l], x, rope, target) for op in learners)
                 loss.backward()
-                losses.append(loss.detach() / len(trainable))
+                losses.append(loss.detach() / len(learners))
         if optimizer:
             optimizer.step()
             sched.step()
