@@ -4,6 +4,7 @@ tied to the code that made them, and one clear message for each bad input on the
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -240,11 +241,11 @@ def test_weights_prepared_by_other_code_are_refused(tiny_dir, text_file, tmp_pat
     args = tiny_args(tiny_dir, text_file, tmp_path, polish=0)
     dash.main(args + ["--out", str(tmp_path / "before")])  # prepares with the real code
     copy = tmp_path / "checkout"
-    copy.mkdir()
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".gpu", ".whl", "candidates", "out", "results",
+                                                             "small_model", "tests", "__pycache__"))
     source = (ROOT / "dash.py").read_text()
     assert "    floor = -5.0\n" in source
     (copy / "dash.py").write_text(source.replace("    floor = -5.0\n", "    floor = -4.0\n"))
-    (copy / "requirements.txt").write_text((ROOT / "requirements.txt").read_text())
     proc = cli(args + ["--no-prepare", "--out", str(tmp_path / "after")], cwd=copy)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "prepared for something else: operators.gla.source" in err, err
