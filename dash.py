@@ -860,11 +860,10 @@ class WeightedSum(torch.autograd.Function):
         return sum(w_i * y_i.float() for w_i, y_i in zip(w, ys)).to(ys[0].dtype)
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g):  # every gradient, always: torch.compile (2.11, CPU) read ctx.needs_input_grad as False
         w, *ys = ctx.saved_tensors
         g32 = g.float()
-        dw = torch.stack([(g32 * y_i.float()).sum() for y_i in ys]) if ctx.needs_input_grad[0] else None
-        return (dw, *((w_i * g32).to(g.dtype) if need else None for w_i, need in zip(w, ctx.needs_input_grad[1:])))
+        return (torch.stack([(g32 * y_i.float()).sum() for y_i in ys]), *((w_i * g32).to(g.dtype) for w_i in w))
 
 
 class MixedAttention(nn.Module):
@@ -998,6 +997,9 @@ def compile_layers(model, on: bool = True):
     kernels (RMSNorms, RoPE, SiLU, gates, casts, the weighted sum, and their backward) than in matmuls; compiled,
     they fuse into a few kernels, while fla's kernels run between the graphs as they are. All layers share the
     graphs; a new set of active operators compiles once more."""
+    if on and not next(model.parameters()).is_cuda and torch.__version__ < "2.13":
+        raise DashError(f"--compile on the CPU needs torch 2.13 or newer: with torch {torch.__version__} the compiled "
+                        f"layers drop the gradient of the operator probabilities (tested); drop --compile")
     if on:  # graphs per layer kind: teacher, mixture, each set of operators left; never one per layer
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for layer in model.model.layers:

@@ -482,6 +482,10 @@ def test_compiled_layers_give_the_same_mixture_and_gradient(tiny, text_file, tin
     ids = torch.randint(0, model.config.vocab_size, (2, 24))
     alpha = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
     alpha[:, 2] = -30  # gla collapsed: skipped
+    if torch.__version__ < "2.13":  # torch 2.11's compiled CPU layers drop the probabilities' gradient: refused
+        with pytest.raises(dash.DashError, match="--compile on the CPU needs torch 2.13"):
+            dash.compile_layers(model, on=True)
+        return
     results = []
     for compiled in (False, True):
         dash.compile_layers(model, on=compiled)

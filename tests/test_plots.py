@@ -1,4 +1,5 @@
 """plots.py: every figure is a real PNG made from plain dicts; a missing matplotlib is a note, not an error."""
+import importlib.util
 import json
 import math
 import subprocess
@@ -12,6 +13,9 @@ sys.path.insert(0, str(ROOT))
 import plots  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
+# the figures need matplotlib, an optional dependency (CI installs it: .ci/run); without it these tests skip and
+# the tests of its absence still run
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
 STUDY_K2 = ROOT / "small_model" / "study-swa-k2.json"
 RULER = ROOT / "results" / "ruler-small-h100" / "results.json"
 
@@ -36,6 +40,7 @@ def tiny_history(layers=3, names=("full", "swa"), steps=5):
     return list(names), history
 
 
+@needs_matplotlib
 @pytest.mark.parametrize("ops", [("full", "swa"), ("swa", "full", "gla", "gdn")])
 def test_search_figure_writes_png(tmp_path, ops):
     names, history = tiny_history(names=ops)
@@ -48,6 +53,7 @@ def test_search_figure_writes_png(tmp_path, ops):
     assert_png(out)
 
 
+@needs_matplotlib
 def test_search_figure_needs_probs(tmp_path):
     names, history = tiny_history()
     del history[2]["probs"]
@@ -56,6 +62,7 @@ def test_search_figure_needs_probs(tmp_path):
     assert not (tmp_path / "search.png").exists()
 
 
+@needs_matplotlib
 def test_ruler_figure_with_and_without_speed(tmp_path):
     data = json.loads(RULER.read_text())
     assert data["speed"], "the H100 results carry a speed table"
@@ -86,6 +93,7 @@ def test_placements_of_the_study_known_answers():
         ["1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "56th"]
 
 
+@needs_matplotlib
 def test_placement_figure(tmp_path):
     study = json.loads(STUDY_K2.read_text())
     assert_png(plots.placement_figure(study, tmp_path / "p.png", dash_pick=[4, 6], polished_pick=[2, 6]))
@@ -96,6 +104,7 @@ def test_placement_figure(tmp_path):
     assert not (tmp_path / "bad.png").exists()
 
 
+@needs_matplotlib
 def test_scaling_figure(tmp_path):
     rows = [{"gpus": 2, "tokens_per_s": 31000.0}, {"gpus": 1, "tokens_per_s": 16800.0},
             {"gpus": 4, "tokens_per_s": 58000.0}]
@@ -126,6 +135,7 @@ def run_cli(*args, pre="pass"):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
+@needs_matplotlib
 def test_cli(tmp_path):
     out = tmp_path / "k2.png"
     p = run_cli("placements", str(STUDY_K2), "--dash", "4,6", "--out", str(out))
@@ -141,6 +151,7 @@ def test_cli(tmp_path):
     assert_png(tmp_path / "search.png")
 
 
+@needs_matplotlib
 @pytest.mark.parametrize("args, message", [
     (("placements", str(STUDY_K2), "--dash", "4,9"), "not in the study"),
     (("placements", "no/such.json"), "No such file"),
