@@ -1410,11 +1410,13 @@ def used_globals(obj) -> list:
 
 
 def bytecode_text(obj) -> str:
-    """A class's or function's definition as text, from its bytecode (stable within one Python version)."""
-    return repr([(c.co_code, c.co_names, [repr(x) for x in c.co_consts if not hasattr(x, "co_code")])
-                 for c in code_objects(obj)]) + repr(sorted((k, repr(v)) for k, v in vars(obj).items()
-                                                            if not k.startswith("__") and not callable(v))) \
-        if isinstance(obj, type) else repr([c.co_code for c in code_objects(obj)])
+    """A class's or function's definition as text, from its bytecode and constants, and for a class also its plain
+    attributes (a gate floor, say). Stable within one Python version."""
+    code = [(c.co_code, c.co_names, [repr(x) for x in c.co_consts if not hasattr(x, "co_code")])
+            for c in code_objects(obj)]
+    attributes = sorted((k, repr(v)) for k, v in vars(obj).items()
+                        if not k.startswith("__") and not callable(v)) if isinstance(obj, type) else []
+    return repr((code, attributes))
 
 
 def model_digest(model) -> dict:
