@@ -115,9 +115,15 @@ SMALL = dict(tokens=131_072, prep_tokens=131_072, seq_len=1024, batch_size=4, lr
              data=str(SMALL_MODEL / "search_data.jsonl.gz"))
 
 
+def is_small_model(model: str) -> bool:
+    """The shipped small teacher, here or in a copy of the project (by its config, not its path)."""
+    config, small = Path(model, "config.json"), SMALL_MODEL / "config.json"
+    return config.is_file() and small.is_file() and config.read_bytes() == small.read_bytes()
+
+
 def resolve(cfg: Config, n_layers: int) -> Config:
     """Fill the model-dependent defaults and check the values that do not need the model loaded."""
-    small = Path(cfg.model).resolve() == SMALL_MODEL
+    small = is_small_model(cfg.model)
     for name, value in (SMALL if small else PAPER).items():
         if getattr(cfg, name) is None:
             if name == "data" and Path(cfg.model, "search_data.jsonl.gz").exists():

@@ -418,7 +418,7 @@ def evaluate(ecfg: EvalConfig) -> dict:
     device, dtype = dash.devices(cfg)
     model, tokenizer = dash.load_model(arch["model"], device, dtype)
     template = ruler.resolve_template(ecfg.template, tokenizer)
-    small = Path(arch["model"]).resolve() == dash.SMALL_MODEL
+    small = dash.is_small_model(arch["model"])
     lengths = int_list(ecfg.lengths or (str(cfg.seq_len) if small else "4096,8192,16384,32768"), "--lengths")
     qa = {"qa_1": ecfg.squad, "qa_2": ecfg.hotpotqa}
     tasks = ecfg.tasks.split(",") if ecfg.tasks else ruler.SYNTHETIC_TASKS + [t for t, f in qa.items() if f]

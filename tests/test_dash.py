@@ -506,3 +506,13 @@ def test_compiled_layers_give_the_same_mixture_and_gradient(tiny, text_file, tin
     for eager, compiled in zip(*results):
         assert torch.allclose(eager, compiled, rtol=1e-3, atol=1e-5), (eager - compiled).abs().max()
     assert not torch.allclose(results[0][2], results[0][4])  # the two gradients differ: both paths were checked
+
+
+def test_the_small_teacher_is_known_by_its_config_in_a_copy(tmp_path, tiny_dir):
+    """A copy of the project (an export, a second checkout) gets the small model's defaults too."""
+    import shutil
+    shutil.copytree(dash.SMALL_MODEL, tmp_path / "small_model", ignore=shutil.ignore_patterns("*.safetensors", "*.gz"))
+    assert dash.is_small_model(str(dash.SMALL_MODEL)) and dash.is_small_model(str(tmp_path / "small_model"))
+    assert not dash.is_small_model(str(tiny_dir)) and not dash.is_small_model("Qwen/Qwen2.5-3B-Instruct")
+    cfg = dash.resolve(dash.Config(model=str(tmp_path / "small_model")), 8)
+    assert cfg.seq_len == dash.SMALL["seq_len"] and cfg.window == dash.SMALL["window"]
