@@ -1738,7 +1738,10 @@ def polish(model, probs: torch.Tensor, names: list[str], layers: list[str], held
     elsewhere (K (L - K) of them; a layer that gives up full attention takes its most probable cheap operator);
     take the best move while it lowers the held-out KL, --polish moves at most."""
     cheap = [cheapest_other(p, names) for p in probs]
-    arch_of = lambda full: ["full" if l in full else cheap[l] for l in range(len(cheap))]  # noqa: E731
+
+    def arch_of(full: frozenset) -> list[str]:
+        return ["full" if l in full else cheap[l] for l in range(len(cheap))]
+
     full = frozenset(l for l, n in enumerate(layers) if n == "full")
     kl_start = kl = placement_kl(model, [layers], names, held_out, cfg, "polish")[0]
     moves, scored, t0 = [], 1, time.time()
