@@ -21,16 +21,30 @@ import dash  # noqa: E402
 import eval_ruler  # noqa: E402
 import ruler  # noqa: E402
 
-QWEN3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-              num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
-              tie_word_embeddings=True, rms_norm_eps=1e-6)
+# Published config.json shapes (random weights: same speed and memory as the real model). --shape picks one.
+SHAPES = {
+    "qwen2.5-3b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+                                       num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                                       max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True,
+                                       rms_norm_eps=1e-6)),
+}
+QWEN3B = SHAPES["qwen2.5-3b"][1]
+
+
+def shape_model(name: str = "qwen2.5-3b"):
+    """A random-weight model of a published shape, bf16 on the GPU, frozen."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+    if name not in SHAPES:
+        raise SystemExit(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
+    cls, kw = SHAPES[name]
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kw), dtype=torch.bfloat16)
+    return model.eval().requires_grad_(False)
 
 
 def qwen3b():
-    from transformers import AutoModelForCausalLM, Qwen2Config
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN3B), dtype=torch.bfloat16)
-    return model.eval().requires_grad_(False)
+    return shape_model("qwen2.5-3b")
 
 
 def flops_per_token(c: dict, T: int, W: int, names: list[str]) -> dict:
