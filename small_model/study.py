@@ -27,10 +27,12 @@ def main():
     ap.add_argument("--samples", type=int, default=10, help="per task")
     ap.add_argument("--length", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way, pure-torch operators)")
+    ap.add_argument("--out", default=str(Path(__file__).parent), help="folder for study-<fill>-k<K>.json/.png")
     ap.add_argument("--arch", default=None, help="a search's arch.json: its relaxed and polished picks are marked in "
                                                 "the figure (study-<fill>-k<K>.png, when matplotlib is installed)")
     args = ap.parse_args()
-    model, tok = dash.load_model(str(dash.SMALL_MODEL))
+    model, tok = dash.load_model(str(dash.SMALL_MODEL), args.device)
     cfg = dash.Config(window=dash.SMALL["window"], kernels="torch")
     names = ["swa", "gla", "gdn"]
     weights = dash.read_candidates(args.cache, dash.hybrid_expectation(model, names, cfg))
@@ -54,7 +56,8 @@ def main():
                    best_placements=[n for n, v in placed.items() if v == best],
                    recovery=best / results["teacher"]["avg"], fill=args.fill, k=args.k,
                    samples_per_task=args.samples, tasks=er.NIAH_TASKS, length=args.length)
-    out = Path(__file__).with_name(f"study-{args.fill}-k{args.k}.json")
+    out = Path(args.out, f"study-{args.fill}-k{args.k}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(summary=summary, results=results), indent=1))
     arch = json.loads(Path(args.arch).read_text()) if args.arch else {}
     plots.placement_figure(dict(summary=summary, results=results), out.with_suffix(".png"),
