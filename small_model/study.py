@@ -31,7 +31,11 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent), help="folder for study-<fill>-k<K>.json/.png")
     ap.add_argument("--arch", default=None, help="a search's arch.json: its relaxed and polished picks are marked in "
                                                 "the figure (study-<fill>-k<K>.png, when matplotlib is installed)")
+    ap.add_argument("--shard", default=None, help="I/N: score every N-th run from the I-th (0-based) and write its part; "
+                                                 "N processes side by side, then --merge")
+    ap.add_argument("--merge", action="store_true", help="combine the parts in --out into the study")
     args = ap.parse_args()
+    stem = Path(args.out, f"study-{args.fill}-k{args.k}")
     model, tok = dash.load_model(str(dash.SMALL_MODEL), args.device)
     cfg = dash.Config(window=dash.SMALL["window"], kernels="torch")
     names = ["swa", "gla", "gdn"]
@@ -44,19 +48,34 @@ def main():
     runs = {"teacher": ["full"] * L, **{f"all {n}": [n] * L for n in ("swa", "gla", "gdn")}}
     for full in itertools.combinations(range(L), args.k):
         runs[f"full {list(full)}"] = ["full" if l in full else args.fill for l in range(L)]
-    results = {}
+    if args.merge:  # the parts' results, in the runs' order
+        parts = [json.loads(p.read_text()) for p in sorted(stem.parent.glob(stem.name + ".part-*.json"))]
+        found = {n: r for part in parts for n, r in part.items()}
+        if set(found) != set(runs):
+            raise SystemExit(f"--merge: the parts in {args.out} miss {sorted(set(runs) - set(found))}")
+        results, runs = {n: found[n] for n in runs}, {}
+    else:
+        results = {}
+    if args.shard:
+        i, n = map(int, args.shard.split("/"))
+        runs = dict(list(runs.items())[i::n])
     for name, layers in runs.items():
         dash.make_hybrid(model, layers, weights, cfg)
         results[name] = er.run_tasks(model, tok, samples, 8, name)
         print(f"{name:>22}: {results[name]['avg']:5.1f}", flush=True)
+        if args.shard:  # after every run: a part cut short keeps what it scored
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            Path(f"{stem}.part-{args.shard.replace('/', '-of-')}.json").write_text(json.dumps(results))
     dash.restore_teacher(model)
+    if args.shard:
+        return
     placed = {n: r["avg"] for n, r in results.items() if n.startswith("full")}
     best, worst = max(placed.values()), min(placed.values())
     summary = dict(teacher=results["teacher"]["avg"], best=best, worst=worst, spread=best - worst,
                    best_placements=[n for n, v in placed.items() if v == best],
                    recovery=best / results["teacher"]["avg"], fill=args.fill, k=args.k,
                    samples_per_task=args.samples, tasks=er.NIAH_TASKS, length=args.length)
-    out = Path(args.out, f"study-{args.fill}-k{args.k}.json")
+    out = stem.with_suffix(".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(summary=summary, results=results), indent=1))
     arch = json.loads(Path(args.arch).read_text()) if args.arch else {}
