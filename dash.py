@@ -22,6 +22,7 @@ import argparse
 import functools
 import gzip
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -152,7 +153,8 @@ def resolve(cfg: Config, n_layers: int) -> Config:
 # ----------------------------------------------------------------------------- candidate operators
 # Every candidate is built from the teacher's attention module of its layer and, at run time, gets the teacher's
 # own projections of the layer input, computed once per layer and shared by all candidates:
-#   x (B, T, C) the normed layer input; q (B, T, H, D); k, v (B, T, Hkv, D) before RoPE; q_rope, k_rope after.
+#   x (B, T, C) the normed layer input; q (B, T, H, D); k, v (B, T, Hkv, D) before RoPE (after the teacher's q/k
+#   norms, where it has them: Qwen3, OLMo 2, Gemma 3); q_rope, k_rope after.
 # It returns the per-head output (B, T, H, D), which the teacher's o_proj turns into the layer's output.
 # Sharing is what makes a mixed layer cheap: o_proj is linear, so sum_i w_i o_proj(y_i) = o_proj(sum_i w_i y_i).
 # With `cache` (generation), an operator keeps what it needs in its layer's slot of HF's cache, a slot of dash's
@@ -171,6 +173,7 @@ class LayerInput:
     attn: nn.Module                   # the teacher's attention module of this layer
     mask: torch.Tensor | None = None  # HF's 4D attention mask (None: causal, no padding)
     cache: object = None              # HF's Cache during generation
+    window: int | None = None         # the teacher's own sliding window in this layer (None: full attention)
 
 
 def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -179,28 +182,45 @@ def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return t * cos[:, :, None] + torch.cat((-t[..., half:], t[..., :half]), -1) * sin[:, :, None]
 
 
+def teacher_window(attn: nn.Module) -> int | None:
+    """The teacher's own sliding window in this layer: per layer in Qwen2/3 and Gemma 3 (config.layer_types), the
+    same in every layer in Mistral (config.sliding_window); None for full attention."""
+    return getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
+
+
 def project(attn: nn.Module, x: torch.Tensor, rope, mask=None, cache=None) -> LayerInput:
+    """The teacher's q, k, v of x, as its own forward makes them. Its q/k norms sit in one of two places: over the
+    whole projection before the head split (OLMo 2), or per head (Qwen3, Gemma 3, whose (1 + w) RMSNorm is its own
+    module's business)."""
     shape = (*x.shape[:-1], -1, attn.head_dim)
-    q, k, v = (proj(x).view(shape) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    return LayerInput(x, q, k, v, rotate(q, *rope), rotate(k, *rope), attn, mask, cache)
+    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)            # (B, T, heads * D)
+    per_head = hasattr(attn, "q_norm") and attn.q_norm.weight.numel() == attn.head_dim
+    if hasattr(attn, "q_norm") and not per_head:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = q.view(shape), k.view(shape), v.view(shape)              # (B, T, heads, D)
+    if per_head:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return LayerInput(x, q, k, v, rotate(q, *rope), rotate(k, *rope), attn, mask, cache, teacher_window(attn))
 
 
-def keep_mask(mask, T: int, S: int, device) -> torch.Tensor:
+def keep_mask(mask, T: int, S: int, device, window: int | None = None) -> torch.Tensor:
     """Which of S keys each of the last T queries may see, as bool (B or 1, 1, T, S). `mask` is HF's 4D mask:
-    None (causal, no padding), bool (True = keep) or additive float (0 = keep)."""
+    None (causal, no padding; within `window` if given), bool (True = keep) or additive float (0 = keep). In a
+    layer where the teacher attends to a window, HF's mask already is that window."""
     if mask is None:
-        q_pos = torch.arange(S - T, S, device=device)[:, None]
-        return (torch.arange(S, device=device) <= q_pos)[None, None]
+        dist = torch.arange(S - T, S, device=device)[:, None] - torch.arange(S, device=device)
+        return ((dist >= 0) & (dist < (window or S + 1)))[None, None]
     mask = mask[..., -T:, -S:]
     return mask if mask.dtype == torch.bool else mask == 0
 
 
 def valid_tokens(p: LayerInput) -> torch.Tensor | None:
-    """(B, T) False at padding tokens, read off the last query row of the mask (left padding); None: no padding."""
+    """(B, T) False at padding tokens: the mask's diagonal (a token sees itself unless it is padding, under a full
+    mask and a sliding-window one alike); None: no padding."""
     if p.mask is None:
         return None
     T = p.x.shape[1]
-    return keep_mask(p.mask, T, p.mask.shape[-1], p.x.device)[:, 0, -1, -T:]
+    return keep_mask(p.mask, T, T, p.x.device).diagonal(dim1=-2, dim2=-1)[:, 0]
 
 
 class Slot(DynamicLayer):
@@ -296,15 +316,48 @@ class Operator(nn.Module):
         pass
 
 
+def windowed_attention(p: LayerInput, q, k, v, scaling: float, window: int, kernels: str) -> torch.Tensor:
+    """Softmax attention of each query over the last `window` keys (its own included), and never beyond the teacher's
+    own window in this layer: fla's kernel without padding on CUDA, sdpa with an explicit mask otherwise. q (B, T, H,
+    D); k, v (B, S, Hkv, D), the last S positions, ending at the last query. Returns (B, T, H, D)."""
+    window = min(window, p.window or window)
+    T, S = q.shape[1], k.shape[1]
+    if p.mask is None and T == S and use_fla(q, kernels):
+        from fla.ops.attn import parallel_attn
+        return torch.compiler.disable(parallel_attn)(q, k, v, scale=scaling, window_size=window)
+    dist = torch.arange(S - T, S, device=q.device)[:, None] - torch.arange(S, device=q.device)
+    keep = (dist >= 0) & (dist < window) & keep_mask(p.mask, T, S, q.device)
+    keep = keep | (dist == 0)  # a padding query sees itself: no all-masked row, no NaN
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=keep, scale=scaling, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
 class FullAttention(Operator):
-    """The teacher's own softmax attention: its attention function on its projections, exactly."""
+    """The teacher's own softmax attention: its attention function on its projections, exactly. In a layer where the
+    teacher attends to a sliding window of its own (Gemma 3's local layers, Mistral, Qwen's layer_types), 'full'
+    means that: the teacher's attention as it is, which costs what its window costs. The search then decides between
+    the teacher's own operator and the cheap ones in every layer, whatever the teacher's is."""
     code = "F"
+
+    def __init__(self, attn: nn.Module, cfg: Config):
+        super().__init__(attn, cfg)
+        self.window, self.kernels = teacher_window(attn), cfg.kernels
+
+    def new_slot(self) -> Slot:
+        return KVSlot(keep=None if self.window is None else self.window - 1)
+
+    def cost(self, T: int) -> float:
+        return 1.0 if self.window is None else min(self.window, T / 2) / (T / 2)
 
     def forward(self, p: LayerInput) -> torch.Tensor:
         attn = p.attn
         q, k, v = (t.transpose(1, 2) for t in (p.q_rope, p.k_rope, p.v))  # (B, heads, T, D) for HF's functions
         if p.cache is not None:
             k, v = self.slot_in(p).append(k, v)
+        if self.window is not None:  # HF's sdpa takes its window from the mask, which the search does not pass
+            return windowed_attention(p, *(t.transpose(1, 2) for t in (q, k, v)), attn.scaling, self.window,
+                                      self.kernels)
         fn = ALL_ATTENTION_FUNCTIONS[attn.config._attn_implementation]  # load_model() asks for sdpa
         y, _ = fn(attn, q, k, v, p.mask, dropout=0.0, scaling=attn.scaling)
         return y  # (B, T, H, D)
@@ -333,16 +386,7 @@ class SlidingWindowAttention(Operator):
         q, k, v = p.q_rope, p.k_rope, p.v  # (B, T, heads, D)
         if p.cache is not None:
             k, v = (t.transpose(1, 2) for t in self.slot_in(p).append(k.transpose(1, 2), v.transpose(1, 2)))
-        T, S = q.shape[1], k.shape[1]  # the S keys are the last S positions, ending at the last query
-        if p.mask is None and T == S and use_fla(q, self.kernels):
-            from fla.ops.attn import parallel_attn
-            return torch.compiler.disable(parallel_attn)(q, k, v, scale=self.scaling, window_size=self.window)
-        dist = torch.arange(S - T, S, device=q.device)[:, None] - torch.arange(S, device=q.device)
-        keep = (dist >= 0) & (dist < self.window) & keep_mask(p.mask, T, S, q.device)
-        keep = keep | (dist == 0)  # a padding query sees itself: no all-masked row, no NaN
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=keep, scale=self.scaling, enable_gqa=True)
-        return y.transpose(1, 2)
+        return windowed_attention(p, q, k, v, self.scaling, self.window, self.kernels)
 
 
 # --- linear attention: the recurrence is the definition, the chunked form computes the same thing fast on a CPU,
@@ -950,34 +994,64 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         raise DashError(f"{name} is not a causal language model that transformers can load: {str(e)[:200]}")
     except OSError as e:
         raise DashError(f"could not load {name} ({str(e)[:200]}); without network, pass a local folder with --model")
-    attns = [getattr(layer, "self_attn", None) for layer in getattr(model.model, "layers", [])]
-    for a in attns:
-        if a is None or not all(hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")) \
-                or hasattr(a, "q_norm"):
-            raise DashError(f"{name}: dash needs Qwen2/Llama-style attention (q/k/v/o projections, no q/k norms); "
-                            f"found {type(a).__name__}")
-    if "sliding_attention" in (getattr(model.config, "layer_types", None) or []):
-        raise DashError(f"{name} has sliding-window layers: dash's teacher keeps full causal attention in every layer")
+    check_attention(name, model)
     model = model.to(device).eval().requires_grad_(False)
-    ids = torch.arange(16, device=device)[None] % model.config.vocab_size
+    ids = torch.arange(40, device=device)[None] % model.config.vocab_size  # longer than the test models' windows
     with torch.no_grad():
         if not torch.allclose(final_hidden(model, ids), model.model(input_ids=ids).last_hidden_state, 1e-2, 1e-3):
-            raise DashError(f"{name}: its forward pass is not embeddings, layers, norm as Qwen2's and Llama's, "
-                            "which the search spells out (final_hidden)")
+            raise DashError(f"{name}: its forward pass ({type(model.model).__name__}) is not embeddings, layers, "
+                            "norm, which the search spells out (final_hidden)")
     return model, tokenizer
 
 
+def check_attention(name: str, model):
+    """Refuse, naming what is missing, the attention dash cannot take apart: it needs separate q/k/v/o projections
+    (q/k norms allowed), softmax attention in every layer, full or sliding-window, and logits without soft-capping."""
+    c = model.config
+    kinds = set(getattr(c, "layer_types", None) or [])
+    if kinds - {"full_attention", "sliding_attention"}:  # Qwen3-Next, Qwen3.5: linear_attention layers
+        raise DashError(f"{name} is already a hybrid (layer types {sorted(kinds)}): dash searches a teacher whose "
+                        f"every layer is softmax attention")
+    for l, layer in enumerate(getattr(model.model, "layers", None) or [None]):
+        a = getattr(layer, "self_attn", None)
+        if a is None:
+            raise DashError(f"{name}: layer {l} has no self_attn module; dash needs softmax attention in every layer")
+        if hasattr(a, "qkv_proj"):  # Phi-3
+            raise DashError(f"{name}: fused q/k/v projection (qkv_proj, {type(a).__name__}); dash needs separate "
+                            f"q_proj, k_proj and v_proj")
+        if hasattr(a, "kv_a_proj_with_mqa") or hasattr(a, "q_a_proj"):  # DeepSeek V2/V3
+            raise DashError(f"{name}: multi-head latent attention ({type(a).__name__}); dash needs q/k/v "
+                            f"projections per head")
+        missing = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling") if not hasattr(a, n)]
+        if missing:
+            raise DashError(f"{name}: {type(a).__name__} has no {', '.join(missing)}; dash needs Qwen2/Llama-style "
+                            f"attention (q/k/v/o projections)")
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(c, cap, None) is not None:
+            raise DashError(f"{name}: {cap} = {getattr(c, cap)}; dash's operators and KL assume no soft-capping")
+
+
 def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
-    """model.model(ids).last_hidden_state for a batch without padding, spelled out for the search: embeddings,
-    RoPE, the layers with no mask (sdpa's causal attention), the final norm. Given no attention mask, HF's forward
-    looks for packed sequences in the position ids, a host sync per call: the CPU could not queue a pass ahead of
-    the GPU (on the H100 the search ran 8-12% faster without it). load_model() checks that both agree."""
+    """model.model(ids).last_hidden_state for a batch without padding, spelled out for the search: embeddings
+    (Gemma's scale is inside its embedding module), RoPE (one per layer type in Gemma 3), the layers with no mask
+    (sdpa's causal attention; dash's operators apply the teacher's windows themselves), the final norm. Given no
+    attention mask, HF's forward looks for packed sequences in the position ids, a host sync per call: the CPU could
+    not queue a pass ahead of the GPU (on the H100 the search ran 8-12% faster without it). load_model() checks that
+    both agree."""
     m = model.model
     h = m.embed_tokens(ids)
-    pos = torch.arange(ids.shape[1], device=ids.device)[None]
-    rope = m.rotary_emb(h, pos)
-    for layer in m.layers:
-        h = layer(h, attention_mask=None, position_embeddings=rope, position_ids=pos)
+    T = ids.shape[1]
+    pos = torch.arange(T, device=ids.device)[None]
+    types = getattr(m.config, "layer_types", None) or ["full_attention"] * len(m.layers)
+    if "layer_type" in inspect.signature(m.rotary_emb.forward).parameters:  # Gemma 3: local and global RoPE
+        ropes = {t: m.rotary_emb(h, pos, t) for t in set(types)}
+    else:
+        ropes = dict.fromkeys(set(types), m.rotary_emb(h, pos))
+    for layer, kind in zip(m.layers, types):
+        a, mask = layer.self_attn, None
+        if not isinstance(a, (MixedAttention, HybridAttention)) and teacher_window(a) is not None:
+            mask = keep_mask(None, T, T, ids.device, teacher_window(a))  # the teacher's own module: its window
+        h = layer(h, attention_mask=mask, position_embeddings=ropes[kind], position_ids=pos)
     return m.norm(h)
 
 
