@@ -27,6 +27,21 @@ SHAPES = {
                                        num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
                                        max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True,
                                        rms_norm_eps=1e-6)),
+    # Qwen/Qwen3-4B: per-head q/k norms; head_dim 128 is not hidden / heads (80)
+    "qwen3-4b": ("Qwen3Config", dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                                     num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                     max_position_embeddings=40960, rope_theta=1e6, tie_word_embeddings=True,
+                                     rms_norm_eps=1e-6)),
+    "qwen2.5-7b": ("Qwen2Config", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                                       max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False,
+                                       rms_norm_eps=1e-6)),
+    "llama-3.1-8b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                         max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False,
+                                         rms_norm_eps=1e-5, rope_scaling=dict(rope_type="llama3", factor=8.0,
+                                         low_freq_factor=1.0, high_freq_factor=4.0,
+                                         original_max_position_embeddings=8192))),
 }
 QWEN3B = SHAPES["qwen2.5-3b"][1]
 
@@ -53,8 +68,8 @@ def flops_per_token(c: dict, T: int, W: int, names: list[str]) -> dict:
     (QK and AV), 2.5x that backward. Linear candidates (chunk 64): about 4 (64 + D) H D per token forward."""
     L, C, I, V = c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     H, Hkv = c["num_attention_heads"], c["num_key_value_heads"]
-    D = C // H
-    body = 2 * L * (2 * C * C + 2 * C * Hkv * D + 3 * C * I)          # q, o, k, v, gate/up/down
+    D = c.get("head_dim", C // H)
+    body = 2 * L * (2 * C * H * D + 2 * C * Hkv * D + 3 * C * I)      # q, o, k, v, gate/up/down
     head = 2 * C * V
     full = L * 4 * (T / 2) * H * D
     ops = {"full": full, "swa": L * 4 * min(W, T / 2) * H * D, "gla": L * 4 * (64 + D) * H * D,
@@ -136,6 +151,7 @@ def main():
                                                                       "('' for none)")
     ap.add_argument("--polish-moves", type=int, default=0, help="time the discrete polish (dash.py --polish) from the "
                                                                   "collapsed state, on one held-out batch")
+    ap.add_argument("--shape", default="qwen2.5-3b", help="published model shape: " + ", ".join(SHAPES))
     ap.add_argument("--out", default="bench.json")
     args = ap.parse_args()
     if args.fla_configs:  # before fla is imported
@@ -144,11 +160,14 @@ def main():
     names = dash.candidate_names(args.candidates)
     gpu = torch.cuda.get_device_name()
     peak_flops = measured_peak()
-    model = qwen3b()
+    model = shape_model(args.shape)
+    shape = SHAPES[args.shape][1]
+    L = shape["num_hidden_layers"]
     g = torch.Generator().manual_seed(0)
-    batches = torch.randint(0, QWEN3B["vocab_size"], (max(args.steps, args.prep_steps + 1), B, T), generator=g)
-    flops = flops_per_token(QWEN3B, T, args.window, names)
-    res = dict(gpu=gpu, torch=torch.__version__, batch=B, seq_len=T, candidates=names, window=args.window,
+    batches = torch.randint(0, shape["vocab_size"], (max(args.steps, args.prep_steps + 1), B, T), generator=g)
+    flops = flops_per_token(shape, T, args.window, names)
+    res = dict(shape=args.shape, config=shape, gpu=gpu, torch=torch.__version__, batch=B, seq_len=T, candidates=names,
+               window=args.window,
                skip_below=args.skip_below, measured_bf16_tflops=round(peak_flops / 1e12), flops_per_token=flops)
     res["teacher_tok_s"] = teacher_forward(model, batches[:6])
     res["teacher_mfu"] = res["teacher_tok_s"] * flops["teacher_forward"] / peak_flops
@@ -182,7 +201,7 @@ def main():
     # a learning search with prepared candidates would drop operators, and compile for each new set, mid-timing
     cfg = dash.resolve(dash.Config(model="qwen3b-shaped", candidates=",".join(names), k=5, tokens=args.steps * B * T,
                                    seq_len=T, batch_size=B, lr=0.0, window=args.window, kernels="fla",
-                                   skip_below=args.skip_below, log_every=10 ** 9, check_samples=0), 36)
+                                   skip_below=args.skip_below, log_every=10 ** 9, check_samples=0), L)
     ops = dash.make_ops(model, names, cfg)
     if weights:
         dash.load_candidates([{n: op for n, op in layer.items() if n in ("gla", "gdn")} for layer in ops], weights)
@@ -190,15 +209,21 @@ def main():
 
     # The end of a search: every operator weight has collapsed to one operator per layer (5 full-attention layers
     # at hybrid-distillation's KL-guided placement, the cheap operators in turn elsewhere), so the others are skipped.
-    full5 = eval_ruler.HYBRID_DISTILLATION["kl_guided"][5]
+    full5 = eval_ruler.HYBRID_DISTILLATION["kl_guided"][5] if L == 36 else [round(i * L / 5) for i in range(5)]
     cheap = [n for n in names if n != "full"]
-    one = [names.index("full") if l in full5 else names.index(cheap[l % len(cheap)]) for l in range(36)]
+    one = [names.index("full") if l in full5 else names.index(cheap[l % len(cheap)]) for l in range(L)]
     collapsed = torch.nn.functional.one_hot(torch.tensor(one), len(names)).float() * 20  # w(other) < 1e-8
 
     def time_search(grad: str, name: str, alpha0=None):
         cfg.grad = grad
         torch.cuda.reset_peak_memory_stats()
-        result = dash.search(model, batches[:args.steps], names, cfg, alpha0)
+        try:
+            result = dash.search(model, batches[:args.steps], names, cfg, alpha0)
+        except torch.cuda.OutOfMemoryError:  # the table says so: this shape needs --micro-batch
+            res[f"search_{name}"] = dict(oom=True, peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+            print(name, "out of memory", flush=True)
+            torch.cuda.empty_cache()
+            return
         times = [h["time"] for h in result["history"]]
         skip = min(10, len(times) - 2)
         r = res[f"search_{name}"] = dict(first_step_s=times[0], peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
@@ -267,8 +292,9 @@ def main():
     # hybrid-distillation's KL-guided placement, the other 31 all Gated DeltaNet or all a 512-token window.
     dash.restore_teacher(model)
     lengths = [int(x) for x in args.lengths.split(",") if x]
-    hybrids = {} if not lengths or not weights else {"teacher": ["full"] * 36, "5 full + 31 gdn": ["full" if l in full5 else "gdn" for l in range(36)],
-               "5 full + 31 swa": ["full" if l in full5 else "swa" for l in range(36)]}
+    hybrids = {} if not lengths or not weights else {
+        "teacher": ["full"] * L, f"5 full + {L - 5} gdn": ["full" if l in full5 else "gdn" for l in range(L)],
+        f"5 full + {L - 5} swa": ["full" if l in full5 else "swa" for l in range(L)]}
     res["inference"] = {}
     for name, layers in hybrids.items():
         dash.make_hybrid(model, layers, weights, cfg)
@@ -286,13 +312,16 @@ def main():
             ("teacher forward", f"{res['teacher_tok_s'] / 1e3:.1f}k tok/s  (MFU {res['teacher_mfu']:.0%})")]
     for grad in (k[len("search_"):] for k in res if k.startswith("search_")):
         r = res[f"search_{grad}"]
+        if r.get("oom"):
+            rows += [(f"search --grad {grad}", "out of memory")]
+            continue
         mfu = f"MFU {r['mfu']:.0%}, " if "mfu" in r else ""
         rows += [(f"search --grad {grad}", f"{r['tok_s'] / 1e3:.1f}k tok/s  ({mfu}{r['vs_teacher']:.2f}x teacher forward)"),
                  (f"search --grad {grad}: 12.3M tokens", f"{r['minutes_for_12.3M']:.1f} min"),
                  (f"search --grad {grad}: first step", f"{r['first_step_s']:.1f} s"),
                  (f"search --grad {grad}: peak memory", f"{r['peak_gib']:.1f} GiB")]
     if args.prep_steps:
-        rows += [("prepare gla+gdn x 36", f"{res['prepare_tok_s'] / 1e3:.1f}k tok/s  (MFU {res['prepare_mfu']:.0%})"),
+        rows += [(f"prepare gla+gdn x {L}", f"{res['prepare_tok_s'] / 1e3:.1f}k tok/s  (MFU {res['prepare_mfu']:.0%})"),
                  ("prepare: default budget", f"{res['prepare_minutes_default']:.1f} min for "
                                              f"{dash.PAPER['prep_tokens'] / 1e6:.1f}M tokens"),
                  ("prepare: first step", f"{res['prepare_first_step_s']:.1f} s"),

@@ -76,7 +76,7 @@ def test_sliding_window_sees_only_the_window(tiny):
     x = torch.randn(2, 20, model.config.hidden_size)
     rope = model.model.rotary_emb(x, torch.arange(20)[None])
     p = dash.project(attn, x, rope)
-    full = dash.FullAttention(attn, None)(p)
+    full = dash.FullAttention(attn, dash.Config(kernels="torch"))(p)
     wide = dash.SlidingWindowAttention(attn, dash.Config(window=20, kernels="torch"))(p)
     narrow = dash.SlidingWindowAttention(attn, dash.Config(window=4, kernels="torch"))(p)
     one = dash.SlidingWindowAttention(attn, dash.Config(window=1, kernels="torch"))(p)
@@ -397,7 +397,7 @@ def test_bad_inputs_get_one_clear_message(tiny_dir, text_file, tmp_path, capsys)
                                      num_attention_heads=4, num_key_value_heads=2,
                                      embedding_multiplier=12.0)).save_pretrained(granite)
     AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(granite)
-    fails(["--model", str(granite)], "its forward pass is not embeddings, layers, norm")
+    fails(["--model", str(granite)], "is not embeddings, layers, norm")
     sliding = tmp_path / "sliding"
     from transformers import Qwen2Config, Qwen2ForCausalLM
     Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,

@@ -151,3 +151,16 @@ def test_a_model_that_is_already_a_hybrid_is_refused(tmp_path):
 def test_logit_soft_capping_is_refused(tmp_path):
     refused(tmp_path, "Gemma3TextConfig", "final_logit_softcapping = 30.0; dash's operators and KL assume no "
             "soft-capping", head_dim=16, final_logit_softcapping=30.0)
+
+
+def test_benchmark_shapes_have_the_published_parameter_counts():
+    """tests/benchmark.py --shape builds random-weight models from these configs: each has the parameter count its
+    model card publishes (Qwen2.5-3B 3.09B, Qwen3-4B 4.02B, Qwen2.5-7B 7.61B, Llama-3.1-8B 8.03B), within 0.5%."""
+    import benchmark
+    published = {"qwen2.5-3b": 3.09e9, "qwen3-4b": 4.02e9, "qwen2.5-7b": 7.61e9, "llama-3.1-8b": 8.03e9}
+    for name, n in published.items():
+        cls, kw = benchmark.SHAPES[name]
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kw))
+        count = sum(p.numel() for p in model.parameters())
+        assert abs(count / n - 1) < 5e-3, (name, count)

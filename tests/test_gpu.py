@@ -221,3 +221,48 @@ def test_rwkv7_and_nats_prepare_search_and_generate_on_the_3b_shape(tmp_path):
     ids = torch.randint(0, 151936, (2, 600), device="cuda")
     out = hybrid.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     assert out.shape == (2, 608)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2", "gemma3"])
+def test_qk_norm_families_on_fla_match_the_reference(family):
+    """The q/k-norm families (issue 18) on fla's kernels: a 2-layer model of each at the 3B model's head size (Gemma 3
+    with a local and a global layer, a 512-token window), the mixture of full, swa, gla and gdn in bf16 with fla
+    against the same weights in fp32 with the pure-torch operators: the final hidden states and dKL/dw."""
+    import copy
+
+    import transformers
+    common = dict(vocab_size=1024, hidden_size=2048, intermediate_size=4096, num_hidden_layers=2,
+                  num_attention_heads=16, num_key_value_heads=2, head_dim=128, max_position_embeddings=4096)
+    cls, extra = {"qwen3": ("Qwen3Config", {}), "olmo2": ("Olmo2Config", {}),
+                  "gemma3": ("Gemma3TextConfig", dict(sliding_window=512, query_pre_attn_scalar=128,
+                                                      layer_types=["sliding_attention", "full_attention"]))}[family]
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        ref = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**common, **extra))
+    ref = ref.eval().requires_grad_(False)
+    for layer in ref.model.layers:  # trained-looking attention logits
+        for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            torch.nn.init.normal_(lin.weight, std=2048 ** -0.5)
+    fast = copy.deepcopy(ref).bfloat16()
+    names = ["full", "swa", "gla", "gdn"]
+    ops_ref = dash.make_ops(ref, names, dash.Config(window=64, kernels="torch"))
+    with torch.no_grad():  # away from the identity init, as prepared candidates are
+        for layer_ops in ops_ref:
+            for op in layer_ops.values():
+                for p in op.parameters():
+                    p.add_(0.02 * torch.randn_like(p))
+    ops_fast = dash.make_ops(fast, names, dash.Config(window=64, kernels="fla"))
+    dash.load_candidates(ops_fast, dash.candidate_state(ops_ref))
+    dash.install(ref, ops_ref), dash.install(fast, ops_fast)
+    ids = torch.randint(0, 1024, (2, 2048), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    w = torch.full((2, 4), 0.25, device="cuda")
+    outs = []
+    for model in (ref, fast):
+        dash.set_probs(model, w, [[True] * 4] * 2)
+        with torch.no_grad():
+            outs.append(dash.final_hidden(model, ids))
+    assert rms_err(outs[1], outs[0]) < TOL["out"], (family, rms_err(outs[1], outs[0]))
+    cfg = dash.Config(kl_chunk=1024)
+    _, g_ref = dash.kl_and_grad(ref, ids, w, [[True] * 4] * 2, cfg)
+    _, g_fast = dash.kl_and_grad(fast, ids, w, [[True] * 4] * 2, cfg)
+    assert rms_err(g_fast, g_ref) < TOL["grad"], (family, g_fast, g_ref)
