@@ -144,8 +144,8 @@ def resolve(cfg: Config, n_layers: int) -> Config:
                         f"is shared equally, so give a multiple of {world()} (or run fewer processes)")
     per_rank = cfg.batch_size // world()
     if cfg.micro_batch is not None and not (0 < cfg.micro_batch <= per_rank and per_rank % cfg.micro_batch == 0):
-        raise DashError(f"--micro-batch {cfg.micro_batch} must divide the batch of each process, "
-                        f"{per_rank} (--batch-size {cfg.batch_size} over {world()} processes)")
+        raise DashError(f"--micro-batch {cfg.micro_batch} must divide --batch-size {cfg.batch_size}"
+                        + (f" over {world()} processes, {per_rank} each" if world() > 1 else ""))
     if cfg.fsdp and world() == 1:
         raise DashError("--fsdp shards the teacher over the processes of a torchrun launch: run it under "
                         "torchrun --nproc-per-node N with N > 1, or drop --fsdp")
@@ -234,6 +234,13 @@ def init_distributed(device: str) -> str:
     if not is_main():
         sys.stdout = open(os.devnull, "w")
     return device
+
+
+def leave_distributed():
+    """At the end of a torchrun launch: wait for rank 0 (which writes and checks the result alone), then leave."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def shard_teacher(model, device: str):
@@ -2055,7 +2062,8 @@ def run_key(cfg: Config, data: dict, cache: str) -> str:
     """What a search checkpoint must agree on to be resumed: the settings that shape the search, its data and
     its candidates."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "log_every", "check_samples", "out",
-                                                                   "checkpoint_every", "polish", "compile")}
+                                                                   "checkpoint_every", "polish", "compile", "fsdp",
+                                                                   "recompute_mlp")}
     blob = json.dumps([settings, data["record"], Path(cache).name], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -2119,8 +2127,7 @@ def main(argv=None):
         run(parse_args(argv))
     except DashError as e:
         sys.exit(f"dash: {failed_where()}{e}")  # no goodbye to the group: the other ranks may be waiting in it
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_distributed()
 
 
 def failed_where() -> str:

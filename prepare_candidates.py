@@ -15,8 +15,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch.distributed as dist
-
 import dash
 from dash import DashError, flag
 
@@ -71,8 +69,7 @@ def main(argv=None):
             dash.align(model, names, cfg, data, path, fp)
     except DashError as e:
         raise SystemExit(f"prepare_candidates: {dash.failed_where()}{e}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    dash.leave_distributed()
 
 
 if __name__ == "__main__":

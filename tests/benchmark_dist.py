@@ -115,8 +115,7 @@ def main():
         rows += [(f"search {name}", f"{r['tok_s'] / 1e3:.1f}k tok/s ({r['minutes_for_12.3M']:.1f} min for 12.3M), "
                                     f"peak {max(r['peak_gib_per_gpu']):.1f} GiB per GPU")]
     print("\n".join(f"| {a} | {b} |" for a, b in rows))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    dash.leave_distributed()
 
 
 if __name__ == "__main__":
