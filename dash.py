@@ -108,8 +108,8 @@ class Config:
     compile: bool | None = flag(None, "torch.compile the decoder layers for the search (default: on with CUDA)")
     fsdp: bool = flag(False, "under torchrun, shard the frozen teacher over the GPUs (FSDP2, gathered a layer at a "
                              "time): for teachers too big for one GPU; candidates and alpha stay replicated")
-    recompute_mlp: bool = flag(False, "recompute each layer's MLP (gate, up, activation) in the search's backward pass "
-                                      "instead of keeping it: less memory, one more MLP forward per step")
+    recompute_mlp: bool = flag(False, "recompute each MLP's gate and up projections in the search's backward pass "
+                                      "instead of keeping them: less memory, two more matmuls per layer and step")
     kl_chunk: int = flag(1024, "tokens per chunk of the KL: full-vocabulary fp32 logits exist for one chunk only")
     log_every: int = flag(25, "steps between views of the operator probabilities")
     check_samples: int = flag(10, "samples per task of the retrieval check after the search (0: skip)")
@@ -222,7 +222,7 @@ def init_distributed(device: str) -> str:
     with warnings and errors, stays)."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return device
-    if not dist.is_initialized():  # torch's default rendezvous timeout (10 min) waits for ranks still compiling
+    if not dist.is_initialized():
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
@@ -1131,18 +1131,24 @@ def compile_layers(model, on: bool = True):
 
 
 def recompute_mlp(model, on: bool = True):
-    """--recompute-mlp: each decoder layer's MLP keeps only its input for the backward pass and runs again there
-    (torch.utils.checkpoint), instead of keeping its gate and up projections and their product: I = 5.4 C numbers
-    per token and layer for Qwen2.5-3B, at the cost of one more MLP forward (about a sixth of a step's matmuls).
-    The MLP's forward is replaced on the instance, so that its parameters keep their names (the candidates' cache
-    is keyed by the teacher's weights by name); on=False restores it."""
+    """--recompute-mlp: the MLP down_proj(act(gate_proj(x)) * up_proj(x)) keeps only its input x for the backward
+    pass and computes the gate and up projections again there (torch.utils.checkpoint), instead of keeping them (2-3
+    x 11008 numbers per token and layer for Qwen2.5-3B: the frozen down_proj needs no input to pass its gradient
+    back). The price: the gate and up matmuls once more per step, most of a layer's matmuls. The forward is replaced
+    on the MLP instance, so that parameters keep their names (the candidate cache knows the teacher by them);
+    on=False restores it."""
     from torch.utils.checkpoint import checkpoint
     for layer in model.model.layers:
-        if on:
-            layer.mlp.forward = functools.partial(checkpoint, type(layer.mlp).forward.__get__(layer.mlp),
-                                                  use_reentrant=False)
-        else:
-            layer.mlp.__dict__.pop("forward", None)
+        mlp = layer.mlp
+        if not on:
+            mlp.__dict__.pop("forward", None)
+        elif all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):  # Qwen2's and Llama's
+            def forward(x, mlp=mlp):
+                gated = checkpoint(lambda x: mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), x, use_reentrant=False)
+                return mlp.down_proj(gated)
+            mlp.forward = forward
+        else:  # another MLP: recompute all of it
+            mlp.forward = functools.partial(checkpoint, type(mlp).forward.__get__(mlp), use_reentrant=False)
 
 
 def restore_teacher(model):

@@ -188,3 +188,23 @@ def test_fsdp_search_as_one(one_and_two, tiny_dir, text_file, tmp_path):
     assert a2["distributed"]["fsdp"] and a2["distributed"]["world_size"] == 2
     assert (torch.tensor(a1["alpha"]) - torch.tensor(a2["alpha"])).abs().max() < 1e-4
     assert a1["layers"] == a2["layers"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_gpus_search_as_one(tiny_dir, text_file, tmp_path, fsdp):
+    """The same on CUDA with NCCL (cuda:LOCAL_RANK): the tiny run on 2 GPUs equals 1 GPU, fp32 and torch kernels
+    (bf16 would differ by its rounding), with and without --fsdp."""
+    cuda = ["--device", "cuda", "--dtype", "float32", "--no-compile"]
+    runs = {}
+    for n in (1, 2):
+        d = tmp_path / f"n{n}"
+        d.mkdir()
+        more = cuda + (["--fsdp"] if fsdp and n == 2 else [])
+        run = torchrun(d, "dash", tiny_args(tiny_dir, text_file, d / "out", d / "c.safetensors") + more, n=n)
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs[n] = json.loads((d / "out" / "arch.json").read_text())
+    assert runs[2]["distributed"] == dict(world_size=2, per_rank_batch=2, fsdp=fsdp, backend="nccl")
+    assert (torch.tensor(runs[1]["alpha"]) - torch.tensor(runs[2]["alpha"])).abs().max() < 1e-4
+    assert runs[1]["layers"] == runs[2]["layers"]
