@@ -2044,7 +2044,8 @@ def devices(cfg: Config) -> tuple[str, torch.dtype]:
 def use_fla_configs():
     """fla's autotuning results shipped for this GPU (fla_configs/<GPU>/), so that the first step does not spend
     minutes autotuning. fla reads them at import; an explicit FLA_CONFIG_DIR / FLA_CACHE_MODE wins."""
-    gpu = re.sub(r"[^0-9A-Za-z]+", "_", torch.cuda.get_device_name()).strip("_")
+    # this process's GPU under torchrun (asking for GPU 0 would open a context there from every process)
+    gpu = re.sub(r"[^0-9A-Za-z]+", "_", torch.cuda.get_device_name(int(os.environ.get("LOCAL_RANK", 0)))).strip("_")
     if (HERE / "fla_configs" / gpu).is_dir():
         os.environ.setdefault("FLA_CONFIG_DIR", str(HERE / "fla_configs" / gpu))
         os.environ.setdefault("FLA_CACHE_MODE", "fuzzy")  # fuzzy: a config tuned at one length serves all

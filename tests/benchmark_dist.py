@@ -73,6 +73,7 @@ def main():
     ap.add_argument("--out", default="bench_dist.json")
     args = ap.parse_args()
     device = dash.init_distributed("cuda")
+    dash.use_fla_configs()  # fla's shipped autotuning results for this GPU, as dash.py uses them
     B, T, names = args.batch_size, args.seq_len, dash.candidate_names(args.candidates)
     model = build(args.shape, device, args.fsdp)
     L = len(model.model.layers)
