@@ -202,6 +202,16 @@ def share(batch: torch.Tensor) -> torch.Tensor:
     return batch.chunk(world())[rank()]
 
 
+def from_main(obj):
+    """Rank 0's value of a small Python object, on every rank: for decisions that all ranks must take alike (whether
+    the candidates are to be prepared: a rank that looked a moment later might find rank 0's file)."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
 def check_replicated(t: torch.Tensor, what: str):
     """Fail loudly if a tensor that every rank should hold alike (alpha) differs from rank 0's."""
     if world() == 1:
@@ -1666,7 +1676,7 @@ def load_or_prepare(model, names: list[str], cfg: Config, data: dict) -> tuple[s
     names = [n for n in names if n != "full"]
     fp = fingerprint(model, names, cfg, data)
     path = Path(cfg.cache) if cfg.cache else default_cache(fp)
-    if not path.exists():
+    if not from_main(path.exists()):
         if not cfg.prepare:
             raise DashError(f"no candidate weights at {path} and --no-prepare: run python prepare_candidates.py "
                             f"--model {cfg.model} first, or drop --no-prepare")

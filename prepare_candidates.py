@@ -62,7 +62,7 @@ def main(argv=None):
         data = dash.load_data(tokenizer, cfg, parts=("held_out", "prep"))
         fp = dash.fingerprint(model, names, cfg, data)
         path = Path(cfg.cache) if cfg.cache else dash.default_cache(fp)
-        if path.exists():
+        if dash.from_main(path.exists()):  # every rank takes rank 0's answer
             dash.read_candidates(path, fp)
             print(f"{path} is prepared already, for this model, these operators and this data: nothing to do")
         else:

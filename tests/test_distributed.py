@@ -133,13 +133,15 @@ def test_only_rank_0_writes_and_logs(one_and_two):
     assert not (two / "out" / "search.ckpt.pt").exists()       # and the checkpoints are cleaned up
 
 
-def test_two_processes_prepare_candidates_as_one(one_and_two, tiny_dir, text_file, tmp_path):
-    """prepare_candidates.py under torchrun writes the same candidates as dash.py did in one process."""
+def test_two_processes_prepare_candidates_with_fsdp_as_one(one_and_two, tiny_dir, text_file, tmp_path):
+    """prepare_candidates.py under torchrun, the teacher sharded (--fsdp), writes the same candidates as dash.py
+    did in one process."""
     from safetensors.torch import load_file
     one, _, _ = one_and_two
     run = torchrun(tmp_path, "prepare_candidates", ["--model", str(tiny_dir), "--data", str(text_file),
                    "--candidates", "swa,gla,gdn", "--seq-len", "64", "--batch-size", "4", "--tokens", "1024",
-                   "--window", "8", "--kernels", "torch", "--device", "cpu", "--cache", str(tmp_path / "c.safetensors")])
+                   "--window", "8", "--kernels", "torch", "--device", "cpu", "--cache", str(tmp_path / "c.safetensors"),
+                   "--fsdp"])
     assert run.returncode == 0, run.stderr[-3000:]
     c1, c2 = load_file(str(one / "cands.safetensors")), load_file(str(tmp_path / "c.safetensors"))
     assert c1.keys() == c2.keys() and all(torch.allclose(c1[k], c2[k], rtol=1e-4, atol=1e-5) for k in c1)
@@ -179,10 +181,11 @@ def test_fsdp_needs_torchrun(tiny_dir, text_file, tmp_path, capsys):
 
 
 def test_fsdp_search_as_one(one_and_two, tiny_dir, text_file, tmp_path):
-    """--fsdp: the teacher sharded over 2 processes (FSDP2 on gloo), preparation and search as in one process."""
+    """--fsdp: the teacher sharded over 2 processes (FSDP2 on gloo), the search and the polish as in one process
+    (with the candidates that one process prepared; preparation with --fsdp: the test above)."""
     one, _, _ = one_and_two
-    run = torchrun(tmp_path, "dash", tiny_args(tiny_dir, text_file, tmp_path / "out", tmp_path / "c.safetensors")
-                   + ["--fsdp"])
+    run = torchrun(tmp_path, "dash", tiny_args(tiny_dir, text_file, tmp_path / "out", one / "cands.safetensors")
+                   + ["--fsdp", "--no-prepare"])
     assert run.returncode == 0, run.stderr[-3000:]
     a1, a2 = (json.loads((d / "out" / "arch.json").read_text()) for d in (one, tmp_path))
     assert a2["distributed"]["fsdp"] and a2["distributed"]["world_size"] == 2
