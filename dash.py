@@ -253,6 +253,13 @@ def leave_distributed():
         dist.destroy_process_group()
 
 
+def failed_where() -> str:
+    """Under torchrun, which rank failed: torchrun then stops the other ranks and ends the run with its own summary
+    (exit code and rank of the first failure). An error in one rank only (a missing file on one node, a CUDA error)
+    thus ends the whole run; an error of the input is seen by every rank, and each says so."""
+    return f"rank {rank()} of {world()}: " if world() > 1 else ""
+
+
 def shard_teacher(model, device: str):
     """--fsdp: shard the frozen teacher's weights over the ranks (FSDP2), each rank keeping 1/N of every layer and
     gathering a layer's weights just before it runs (again in the backward pass). The units: each attention
@@ -2145,13 +2152,6 @@ def main(argv=None):
     except DashError as e:
         sys.exit(f"dash: {failed_where()}{e}")  # no goodbye to the group: the other ranks may be waiting in it
     leave_distributed()
-
-
-def failed_where() -> str:
-    """Under torchrun, which rank failed: torchrun then stops the other ranks and ends the run with its own summary
-    (exit code and rank of the first failure). An error in one rank only (a missing file on one node, a CUDA error)
-    thus ends the whole run; an error of the input is seen by every rank, and each says so."""
-    return f"rank {rank()} of {world()}: " if world() > 1 else ""
 
 
 if __name__ == "__main__":
