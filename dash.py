@@ -3,6 +3,7 @@ DASH: differentiable architecture search for hybrid-attention LLMs (arXiv 2605.2
 
     python dash.py                                     # the small teacher shipped in small_model/, CPU, minutes
     python dash.py --model Qwen/Qwen2.5-3B-Instruct    # the paper's setting: one CUDA GPU, 12.3M tokens
+    torchrun --nproc-per-node 4 dash.py --model ...    # the same search on 4 GPUs: each takes a quarter of every batch
 
 A hybrid LLM keeps full softmax attention in a few layers and cheap operators (linear attention, a sliding
 window) in the rest; which layers keep full attention decides its quality. DASH finds them by search:
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
@@ -105,6 +107,10 @@ class Config:
     checkpoint_every: int = flag(50, "steps between checkpoints of the search and of the alignment")
     resume: bool = flag(False, "continue the search from its checkpoint in --out")
     compile: bool | None = flag(None, "torch.compile the decoder layers for the search (default: on with CUDA)")
+    fsdp: bool = flag(False, "under torchrun, shard the frozen teacher over the GPUs (FSDP2, gathered a layer at a "
+                             "time): for teachers too big for one GPU; candidates and alpha stay replicated")
+    recompute_mlp: bool = flag(False, "recompute each MLP's gate and up projections in the search's backward pass "
+                                      "instead of keeping them: less memory, two more matmuls per layer and step")
     kl_chunk: int = flag(1024, "tokens per chunk of the KL: full-vocabulary fp32 logits exist for one chunk only")
     log_every: int = flag(25, "steps between views of the operator probabilities")
     check_samples: int = flag(10, "samples per task of the retrieval check after the search (0: skip)")
@@ -134,9 +140,16 @@ def resolve(cfg: Config, n_layers: int) -> Config:
         cfg.k = max(2, round(n_layers / 7))
     if not 0 < cfg.k < n_layers:
         raise DashError(f"--k {cfg.k} is out of range: the model has {n_layers} layers, so 1 <= K <= {n_layers - 1}")
-    if cfg.micro_batch is not None and not (0 < cfg.micro_batch <= cfg.batch_size
-                                            and cfg.batch_size % cfg.micro_batch == 0):
-        raise DashError(f"--micro-batch {cfg.micro_batch} must divide --batch-size {cfg.batch_size}")
+    if cfg.batch_size < 1 or cfg.batch_size % world():
+        raise DashError(f"--batch-size {cfg.batch_size} does not split over {world()} processes: the global batch "
+                        f"is shared equally, so give a multiple of {world()} (or run fewer processes)")
+    per_rank = cfg.batch_size // world()
+    if cfg.micro_batch is not None and not (0 < cfg.micro_batch <= per_rank and per_rank % cfg.micro_batch == 0):
+        raise DashError(f"--micro-batch {cfg.micro_batch} must divide --batch-size {cfg.batch_size}"
+                        + (f" over {world()} processes, {per_rank} each" if world() > 1 else ""))
+    if cfg.fsdp and world() == 1:
+        raise DashError("--fsdp shards the teacher over the processes of a torchrun launch: run it under "
+                        "torchrun --nproc-per-node N with N > 1, or drop --fsdp")
     if cfg.grad not in ("exact", "teacher"):
         raise DashError(f"--grad {cfg.grad!r}: choose exact or teacher")
     if cfg.threshold is not None and not 0 < cfg.threshold < 1:
@@ -149,6 +162,125 @@ def resolve(cfg: Config, n_layers: int) -> Config:
         if getattr(cfg, name) < 1:
             raise DashError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least 1")
     return cfg
+
+# ----------------------------------------------------------------------------- distributed
+# torchrun --nproc-per-node N dash.py ...: data parallel over N processes, one GPU each (or CPU processes, gloo).
+# The global batch and the number of steps stay as they are; each rank takes an equal share of every batch. The
+# search's only trainable tensor is alpha (layers x operators, a few hundred numbers), and its gradient enters
+# through dKL/dw, computed outside any module: so a plain all_reduce of the KL and dKL/dw does what DDP would,
+# without its buckets and hooks around a module. Alpha and Adam then take the same step from the same numbers on
+# every rank and stay identical (checked at the end). Preparation all-reduces the candidates' gradients once a step
+# (see align). Rank 0 alone writes files, prints and draws progress bars. With one process (python dash.py)
+# world() is 1 and every helper here does nothing.
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0, which alone writes files, logs and progress bars."""
+    return rank() == 0
+
+
+def all_reduce_mean(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The mean over the ranks of each tensor, in one collective of fp32 numbers (the tensors as they are in one
+    process). Each rank's KL is a mean over an equal share of the batch, so the mean of the ranks' is the batch's."""
+    if world() == 1:
+        return ts
+    flat = torch.cat([t.detach().float().flatten() for t in ts])
+    dist.all_reduce(flat)
+    flat /= world()
+    return tuple(part.view_as(t).to(t.dtype) for part, t in zip(flat.split([t.numel() for t in ts]), ts))
+
+
+def share(batch: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a batch (B, T): (B / world, T), rank r the r-th block (resolve() checks B % world)."""
+    return batch.chunk(world())[rank()]
+
+
+def from_main(obj):
+    """Rank 0's value of a small Python object, on every rank: for decisions that all ranks must take alike (whether
+    the candidates are to be prepared: a rank that looked a moment later might find rank 0's file)."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def check_replicated(t: torch.Tensor, what: str):
+    """Fail loudly if a tensor that every rank should hold alike (alpha) differs from rank 0's."""
+    if world() == 1:
+        return
+    ref = t.detach().clone()
+    dist.broadcast(ref, 0)
+    diff = (t.detach() - ref).abs().max().reshape(1).float()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    if diff.item() > 0:
+        raise DashError(f"{what} differs between the ranks (by up to {diff.item():.3g}): the processes did not take "
+                        f"the same steps; the result would depend on the rank that wrote it")
+
+
+def init_distributed(device: str) -> str:
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK,
+    MASTER_ADDR), if it launched more than one process; return this process's device: cuda:LOCAL_RANK with NCCL,
+    or the CPU with gloo. The other ranks' stdout goes to /dev/null: it would repeat rank 0's log N times (stderr,
+    with warnings and errors, stays)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    if not dist.is_initialized():
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=torch.device(device))
+        else:
+            dist.init_process_group("gloo")
+    elif device.startswith("cuda"):
+        device = f"cuda:{torch.cuda.current_device()}"
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def leave_distributed():
+    """At the end of a torchrun launch: wait for rank 0 (which writes and checks the result alone), then leave."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def failed_where() -> str:
+    """Under torchrun, which rank failed: torchrun then stops the other ranks and ends the run with its own summary
+    (exit code and rank of the first failure). An error in one rank only (a missing file on one node, a CUDA error)
+    thus ends the whole run; an error of the input is seen by every rank, and each says so."""
+    return f"rank {rank()} of {world()}: " if world() > 1 else ""
+
+
+def shard_teacher(model, device: str):
+    """--fsdp: shard the frozen teacher's weights over the ranks (FSDP2), each rank keeping 1/N of every layer and
+    gathering a layer's weights just before it runs (again in the backward pass). The units: each attention
+    projection on its own (the candidates and preparation call q/k/v/o_proj directly, outside the layer's forward),
+    then the rest of each decoder layer (MLP, norms). The embeddings, final norm and LM head stay whole on every rank
+    (the KL reads the head's weight directly): for a 32B model, 3 GB of 65. Candidates and alpha are not the
+    teacher's and stay replicated: install() adds them after this."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.split(":")[0], (world(),))
+    # reshard_after_forward=True, said explicitly: the layers are called one by one (final_hidden), never through
+    # the model's forward, so each is an FSDP root, and a root left to the default keeps its weights gathered
+    for layer in model.model.layers:
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            fully_shard(getattr(layer.self_attn, proj), mesh=mesh, reshard_after_forward=True)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    for part in (model.model.embed_tokens, model.model.rotary_emb, model.model.norm, model.get_output_embeddings()):
+        part.to(device)  # what stays whole (fully_shard moved the shards to the mesh's device already)
+    return model
+
 
 # ----------------------------------------------------------------------------- candidate operators
 # Every candidate is built from the teacher's attention module of its layer and, at run time, gets the teacher's
@@ -1089,6 +1221,27 @@ def compile_layers(model, on: bool = True):
             layer._compiled_call_impl = None
 
 
+def recompute_mlp(model, on: bool = True):
+    """--recompute-mlp: the MLP down_proj(act(gate_proj(x)) * up_proj(x)) keeps only its input x for the backward
+    pass and computes the gate and up projections again there (torch.utils.checkpoint), instead of keeping them (2-3
+    x 11008 numbers per token and layer for Qwen2.5-3B: the frozen down_proj needs no input to pass its gradient
+    back). The price: the gate and up matmuls once more per step, most of a layer's matmuls. The forward is replaced
+    on the MLP instance, so that parameters keep their names (the candidate cache knows the teacher by them);
+    on=False restores it."""
+    from torch.utils.checkpoint import checkpoint
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        if not on:
+            mlp.__dict__.pop("forward", None)
+        elif all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):  # Qwen2's and Llama's
+            def forward(x, mlp=mlp):
+                gated = checkpoint(lambda x: mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), x, use_reentrant=False)
+                return mlp.down_proj(gated)
+            mlp.forward = forward
+        else:  # another MLP: recompute all of it
+            mlp.forward = functools.partial(checkpoint, type(mlp).forward.__get__(mlp), use_reentrant=False)
+
+
 def restore_teacher(model):
     for layer, attn in zip(model.model.layers, teacher_attention(model)):
         layer.self_attn = attn
@@ -1221,7 +1374,7 @@ def read_texts(spec: str):
 def token_stream(tokenizer, spec: str, need: int) -> torch.Tensor:
     """The first `need` tokens of the documents, each followed by EOS: (need,) int64."""
     ids, eos = [], tokenizer.eos_token_id
-    with tqdm(total=need, desc="tokenizing", unit="tok", leave=False) as bar:
+    with tqdm(total=need, desc="tokenizing", unit="tok", leave=False, disable=not is_main()) as bar:
         for text in read_texts(spec):
             new = tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
             ids += new
@@ -1302,18 +1455,19 @@ def capture(model, ids: torch.Tensor) -> list[tuple]:
     return seen
 
 
-def nmse(op, attn, x, rope, target) -> torch.Tensor:
-    """Normalised MSE of one operator against the teacher's attention output of its layer."""
+def nmse(op, attn, x, rope, target, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised MSE of one operator against the teacher's attention output of its layer. norm: the mean square of
+    the target over the whole batch, when this process holds only a share of it (default: the target's own)."""
     with torch.no_grad():
         p = project(attn, x, rope)  # the shared, frozen projections
     y = attn.o_proj(op(p).flatten(2))
-    return (y.float() - target.float()).pow(2).mean() / target.float().pow(2).mean()
+    return (y.float() - target.float()).pow(2).mean() / (target.float().pow(2).mean() if norm is None else norm)
 
 
-def aligned_loss(op, attn, x, rope, target) -> torch.Tensor:
+def aligned_loss(op, attn, x, rope, target, norm: torch.Tensor | None = None) -> torch.Tensor:
     """What the alignment minimises: the nmse, plus the term the operator adds to it (Operator.extra_loss(), e.g.
     NAtS' sparsity), from the same forward pass."""
-    loss = nmse(op, attn, x, rope, target)
+    loss = nmse(op, attn, x, rope, target, norm)
     extra = op.extra_loss()
     return loss if extra is None else loss + extra
 
@@ -1370,7 +1524,8 @@ def align(model, names: list[str], cfg: Config, data: dict, path: Path, fp: dict
     train, held_out = data["prep"], data["held_out"].to(device)
     steps = len(train)
     print(f"aligning {', '.join(names)} in {len(ops)} layers: {sum(p.numel() for p in params):,} new parameters, "
-          f"{steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens; teacher and its projections frozen")
+          f"{steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens ({world()} processes of {cfg.batch_size // world()} "
+          f"sequences); teacher and its projections frozen")
     optimizer = torch.optim.AdamW(params, lr=cfg.prep_lr, weight_decay=0.0) if params else None
     warm = max(1, steps // 20)  # 5% warm-up, then cosine decay
     sched = optimizer and torch.optim.lr_scheduler.LambdaLR(
@@ -1387,34 +1542,49 @@ def align(model, names: list[str], cfg: Config, data: dict, path: Path, fp: dict
         calibrate(model, ops, train[0].to(device))
         before = alignment_loss(model, ops, held_out)
     attns, curve, step_times = teacher_attention(model), [], []
-    for step in tqdm(range(start, steps), desc="align", unit="step", initial=start, total=steps):
-        losses = []
-        for l, (x, rope, target) in enumerate(capture(model, train[step].to(device))):
+    for step in tqdm(range(start, steps), desc="align", unit="step", initial=start, total=steps, disable=not is_main()):
+        losses, seen = [], capture(model, share(train[step]).to(device))
+        # each layer's nmse divides by the mean square of its target over the whole batch, not this rank's share:
+        # then the mean of the ranks' losses is the batch's loss (one all-reduce of L numbers)
+        norms, = all_reduce_mean(torch.stack([target.float().pow(2).mean() for _, _, target in seen]))
+        for l, (x, rope, target) in enumerate(seen):
             learners = [op for op in ops[l].values() if trainable(op)]
             if learners:  # one layer's graph at a time: backward right away
-                loss = sum(aligned_loss(op, attns[l], x, rope, target) for op in learners)
+                loss = sum(aligned_loss(op, attns[l], x, rope, target, norms[l]) for op in learners)
                 loss.backward()
                 losses.append(loss.detach() / len(learners))
+        if optimizer and world() > 1:  # the whole batch's gradient (and loss): the mean of the ranks' shares.
+            # One all-reduce of all candidates' gradients a step (~100 MB for Qwen2.5-3B, milliseconds on NVLink),
+            # not DDP: a step runs one backward per layer, which DDP's once-a-step hooks do not fit, and its overlap
+            # would save those milliseconds only.
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            *grads, loss = all_reduce_mean(*grads, torch.stack(losses).mean())
+            for p, g in zip(params, grads):
+                p.grad = g
+            losses = [loss]
         if optimizer:
             optimizer.step()
             sched.step()
             optimizer.zero_grad(set_to_none=True)
         curve.append(torch.stack(losses).mean().item() if losses else 0.0)  # one host sync per step
         step_times.append(round(time.time() - t0, 3))
-        if optimizer and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+        if optimizer and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps and is_main():
             save_atomic(dict(fingerprint=fp, step=step + 1, elapsed=time.time() - t0, state=candidate_state(ops),
                              optimizer=optimizer.state_dict(), sched=sched.state_dict(), before=before), partial)
     after = alignment_loss(model, ops, held_out, observe=True)
     report = dict(fingerprint=fp, data=data["record"], wall_time_s=round(time.time() - t0, 1), device=str(device),
-                  curve=[round(c, 5) for c in curve], step_times=step_times,
+                  world_size=world(), per_rank_batch=cfg.batch_size // world(), curve=[round(c, 5) for c in curve], step_times=step_times,
                   trained=[n for n in names if trainable(ops[0][n])],
                   layers=[{n: dict(before=round(b[n], 5), after=round(a[n], 5), cost=round(at[n].cost(cfg.seq_len), 5))
                            for n in names} for b, a, at in zip(before, after, ops)])  # cost at the sequence length
-    from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(candidate_state(ops), str(path), metadata={"fingerprint": json.dumps(fp)})
-    path.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    partial.unlink(missing_ok=True)
+    if is_main():  # every rank holds the same weights: rank 0 writes them, the others wait to read them
+        from safetensors.torch import save_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(candidate_state(ops), str(path), metadata={"fingerprint": json.dumps(fp)})
+        path.with_suffix(".json").write_text(json.dumps(report, indent=1))
+        partial.unlink(missing_ok=True)
+    if world() > 1:
+        dist.barrier()
     print(alignment_table(report))
     print(f"wrote {path} and {path.with_suffix('.json')} ({steps * cfg.batch_size * cfg.seq_len:,} tokens, "
           f"{report['wall_time_s']} s)")
@@ -1506,6 +1676,8 @@ def model_digest(model) -> dict:
               if not k.startswith("_") and k not in ("dtype", "torch_dtype", "transformers_version", "architectures")}
     h = hashlib.sha256()
     for name, p in teacher_parameters(model):
+        if hasattr(p, "full_tensor"):  # --fsdp: this rank's shard; the digest is of the whole weight
+            p = p.full_tensor()
         h.update(name.encode())
         h.update(p.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     return dict(config=hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16],
@@ -1585,7 +1757,7 @@ def load_or_prepare(model, names: list[str], cfg: Config, data: dict) -> tuple[s
     names = [n for n in names if n != "full"]
     fp = fingerprint(model, names, cfg, data)
     path = Path(cfg.cache) if cfg.cache else default_cache(fp)
-    if not path.exists():
+    if not from_main(path.exists()):
         if not cfg.prepare:
             raise DashError(f"no candidate weights at {path} and --no-prepare: run python prepare_candidates.py "
                             f"--model {cfg.model} first, or drop --no-prepare")
@@ -1726,16 +1898,16 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: 
     alive_host = alive.tolist()
     t0 = time.time() - elapsed
     kl_fn = torch.compile(kl_terms, dynamic=False) if cfg.compile else kl_terms
-    bar = tqdm(range(start, steps), desc="search", unit="step", initial=start, total=steps)
+    bar = tqdm(range(start, steps), desc="search", unit="step", initial=start, total=steps, disable=not is_main())
     for step in bar:
-        ids = batches[step].to(device)
+        ids = share(batches[step]).to(device)  # this rank's rows of the step's batch
         tau = tau_at(step, steps, cfg)
         w = masked_softmax(alpha, alive, tau)
         keep = (alive & (w.detach() >= cfg.skip_below)).tolist()  # one host copy a step decides what runs
         if keep != alive_host:  # some operators fell below the threshold: prune them, renormalise the rest
             alive_host, alive = keep, torch.tensor(keep, device=device)
             w = masked_softmax(alpha, alive, tau)
-        kl, dkl_dw = kl_and_grad(model, ids, w, alive_host, cfg, kl_fn)
+        kl, dkl_dw = all_reduce_mean(*kl_and_grad(model, ids, w, alive_host, cfg, kl_fn))  # the whole batch's
         terms = regularizers(w, names, cfg, costs, step / max(1, steps - 1))
         loss = kl + sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
@@ -1754,11 +1926,12 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: 
         if (step + 1) % cfg.log_every == 0 or step == steps - 1:
             tqdm.write(f"step {step + 1}/{steps}  kl {rec['kl']:.4f}  E[full] {rec['full']:.2f}  tau {tau:.3f}\n"
                        + heatmap(w.cpu(), names))
-        if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+        if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps and is_main():
             save_atomic(dict(run_key=run_key, step=step + 1, alpha=alpha.detach().cpu(), alive=alive.cpu(),
                              optimizer=optimizer.state_dict(), history=history, elapsed=time.time() - t0),
                         checkpoint)
     set_probs(model, None)
+    check_replicated(alpha, "alpha")
     w = masked_softmax(alpha.detach(), alive, tau_at(steps - 1, steps, cfg)).cpu()
     return dict(alpha=alpha.detach().cpu(), probs=w, alive=alive.cpu(), history=history,
                 wall_time_s=time.time() - t0)
@@ -1790,20 +1963,21 @@ def cheapest_other(p: torch.Tensor, names: list[str]) -> str:
 def placement_kl(model, placements: list[list[str]], names: list[str], held_out: torch.Tensor, cfg: Config,
                  desc: str = "placements") -> list[float]:
     """Exact KL(teacher || hybrid) on held-out batches (n, B, T), for each placement (an operator per layer): the
-    mixture with one-hot probabilities is that hybrid. Forward passes only; the teacher's pass once per batch."""
+    mixture with one-hot probabilities is that hybrid. Forward passes only; the teacher's pass once per batch.
+    Under torchrun each rank scores its share of every batch, and all get the mean (the same moves on every rank)."""
     device = next(model.parameters()).device
     head = model.get_output_embeddings()
     with torch.no_grad():
         set_probs(model, None)
-        teacher = [final_hidden(model, ids.to(device)) for ids in held_out]
+        teacher = [final_hidden(model, share(ids).to(device)) for ids in held_out]
         out = []
-        for layers in tqdm(placements, desc=desc, leave=False):
+        for layers in tqdm(placements, desc=desc, leave=False, disable=not is_main()):
             w = torch.tensor([[float(n == op) for op in names] for n in layers], device=device)
             set_probs(model, w)
-            out.append(sum(chunked_kl(final_hidden(model, ids.to(device)), h, head, cfg.kl_chunk).item()
+            out.append(sum(chunked_kl(final_hidden(model, share(ids).to(device)), h, head, cfg.kl_chunk)
                            for ids, h in zip(held_out, teacher)) / len(held_out))
     set_probs(model, None)
-    return out
+    return all_reduce_mean(torch.stack(out))[0].tolist()  # one host sync for all placements
 
 
 def polish(model, probs: torch.Tensor, names: list[str], layers: list[str], held_out: torch.Tensor,
@@ -1850,6 +2024,8 @@ def export(result: dict, names: list[str], cfg: Config, cache: str, data: dict, 
                 alpha=[[round(float(a), 5) for a in row] for row in result["alpha"]],
                 pruned=[[n for n, on in zip(names, row) if not on] for row in result["alive"].tolist()],
                 tokens=int(data["search"].numel()), wall_time_s=round(result["wall_time_s"], 1), seed=cfg.seed,
+                distributed=dict(world_size=world(), per_rank_batch=cfg.batch_size // world(), fsdp=cfg.fsdp,
+                                 backend=dist.get_backend() if dist.is_initialized() else None),
                 data=data["record"], candidate_cache=cache, config=asdict(cfg),
                 versions=versions(), kl_first=result["history"][0]["kl"], kl_last=result["history"][-1]["kl"],
                 history=result["history"])
@@ -1959,7 +2135,8 @@ def devices(cfg: Config) -> tuple[str, torch.dtype]:
 def use_fla_configs():
     """fla's autotuning results shipped for this GPU (fla_configs/<GPU>/), so that the first step does not spend
     minutes autotuning. fla reads them at import; an explicit FLA_CONFIG_DIR / FLA_CACHE_MODE wins."""
-    gpu = re.sub(r"[^0-9A-Za-z]+", "_", torch.cuda.get_device_name()).strip("_")
+    # this process's GPU under torchrun (asking for GPU 0 would open a context there from every process)
+    gpu = re.sub(r"[^0-9A-Za-z]+", "_", torch.cuda.get_device_name(int(os.environ.get("LOCAL_RANK", 0)))).strip("_")
     if (HERE / "fla_configs" / gpu).is_dir():
         os.environ.setdefault("FLA_CONFIG_DIR", str(HERE / "fla_configs" / gpu))
         os.environ.setdefault("FLA_CACHE_MODE", "fuzzy")  # fuzzy: a config tuned at one length serves all
@@ -1983,7 +2160,8 @@ def run_key(cfg: Config, data: dict, cache: str) -> str:
     """What a search checkpoint must agree on to be resumed: the settings that shape the search, its data and
     its candidates."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "log_every", "check_samples", "out",
-                                                                   "checkpoint_every", "polish", "compile")}
+                                                                   "checkpoint_every", "polish", "compile", "fsdp",
+                                                                   "recompute_mlp")}
     blob = json.dumps([settings, data["record"], Path(cache).name], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -1991,9 +2169,13 @@ def run_key(cfg: Config, data: dict, cache: str) -> str:
 def run(cfg: Config) -> dict:
     names = candidate_names(cfg.candidates)
     device, dtype = devices(cfg)
+    device = init_distributed(device)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model, device, dtype)
+    # --fsdp: the whole teacher may not fit one GPU: load it on the CPU, then each rank moves its shard over
+    model, tokenizer = load_model(cfg.model, "cpu" if cfg.fsdp else device, dtype)
     cfg = resolve(cfg, len(model.model.layers))
+    if cfg.fsdp:
+        shard_teacher(model, device)
     if cfg.compile is None:
         cfg.compile = device.startswith("cuda")
     print(json.dumps(asdict(cfg), indent=1))
@@ -2006,6 +2188,7 @@ def run(cfg: Config) -> dict:
     ops = make_ops(model, names, cfg)
     load_candidates(ops, state, cache)
     install(model, ops)
+    recompute_mlp(model, on=cfg.recompute_mlp)
     compile_layers(model, on=cfg.compile)
     out = Path(cfg.out)
     checkpoint = out / "search.ckpt.pt"
@@ -2016,7 +2199,10 @@ def run(cfg: Config) -> dict:
     relaxed = choose_layers(result["probs"], names, cfg.k, cfg.threshold)
     polished = polish(model, result["probs"], names, relaxed, data["held_out"], cfg) if cfg.polish else None
     compile_layers(model, on=False)  # the check below generates: new shapes every token, eager is better there
+    recompute_mlp(model, on=False)
     arch = export(result, names, cfg, cache, data, polished)
+    if not is_main():  # the same result on every rank (check_replicated): rank 0 writes and checks it
+        return arch
     out.mkdir(parents=True, exist_ok=True)
     (out / "arch.json").write_text(json.dumps(arch, indent=1))
     checkpoint.unlink(missing_ok=True)
@@ -2025,7 +2211,10 @@ def run(cfg: Config) -> dict:
     if plots.search_figure(arch["history"], names, arch["relaxed"]["full_layers"], out / "search.png",
                            polished_layers=arch["full_layers"]):
         print(f"wrote {out / 'search.png'}")
-    if cfg.check_samples:
+    if cfg.check_samples and cfg.fsdp:
+        print("retrieval check skipped: with --fsdp no one rank holds the whole teacher to generate with; "
+              "run eval_ruler.py on the architecture where it fits")
+    elif cfg.check_samples:
         arch["retrieval_check"] = retrieval_check(model, tokenizer, arch, state, cfg)
         (out / "arch.json").write_text(json.dumps(arch, indent=1))
     return arch
@@ -2035,7 +2224,8 @@ def main(argv=None):
     try:
         run(parse_args(argv))
     except DashError as e:
-        sys.exit(f"dash: {e}")
+        sys.exit(f"dash: {failed_where()}{e}")  # no goodbye to the group: the other ranks may be waiting in it
+    leave_distributed()
 
 
 if __name__ == "__main__":

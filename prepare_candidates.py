@@ -4,6 +4,7 @@ that layer's attention output. dash.py does this on demand; this script does it 
 
     python prepare_candidates.py                                  # the shipped small model, on CPU
     python prepare_candidates.py --model Qwen/Qwen2.5-3B-Instruct # one CUDA GPU
+    torchrun --nproc-per-node 4 prepare_candidates.py --model ... # 4 GPUs, each a quarter of every batch
 
 The alignment itself, its fingerprint and its file live in dash.py ("candidate alignment and cache"): this is its
 command line. The result is one safetensors file per fingerprint of everything that shapes the weights (teacher
@@ -35,6 +36,7 @@ class PrepConfig:
     device: str = flag("auto", "cuda, cpu or auto")
     dtype: str = flag("auto", "bfloat16, float32 or auto")
     kernels: str = flag("auto", "fla (CUDA only), torch or auto")
+    fsdp: bool = flag(False, "under torchrun, shard the frozen teacher over the GPUs (as dash.py --fsdp)")
 
 
 def search_config(pcfg: PrepConfig) -> dash.Config:
@@ -43,7 +45,7 @@ def search_config(pcfg: PrepConfig) -> dash.Config:
                        seq_len=pcfg.seq_len, batch_size=pcfg.batch_size, prep_lr=pcfg.lr, window=pcfg.window,
                        data=pcfg.data, prep_seed=pcfg.seed, cache=pcfg.cache, held_out=pcfg.held_out,
                        checkpoint_every=pcfg.checkpoint_every, device=pcfg.device, dtype=pcfg.dtype,
-                       kernels=pcfg.kernels)
+                       kernels=pcfg.kernels, fsdp=pcfg.fsdp)
 
 
 def main(argv=None):
@@ -51,19 +53,23 @@ def main(argv=None):
         cfg = search_config(dash.parse_args(argv, PrepConfig, "Prepare teacher-aligned candidates for DASH"))
         names = [n for n in dash.candidate_names(cfg.candidates) if n != "full"]
         device, dtype = dash.devices(cfg)
-        model, tokenizer = dash.load_model(cfg.model, device, dtype)
+        device = dash.init_distributed(device)  # under torchrun: each rank aligns on its share of every batch
+        model, tokenizer = dash.load_model(cfg.model, "cpu" if cfg.fsdp else device, dtype)
         cfg = dash.resolve(cfg, len(model.model.layers))
+        if cfg.fsdp:
+            dash.shard_teacher(model, device)
         print(json.dumps(asdict(cfg), indent=1))
         data = dash.load_data(tokenizer, cfg, parts=("held_out", "prep"))
         fp = dash.fingerprint(model, names, cfg, data)
         path = Path(cfg.cache) if cfg.cache else dash.default_cache(fp)
-        if path.exists():
+        if dash.from_main(path.exists()):  # every rank takes rank 0's answer
             dash.read_candidates(path, fp)
             print(f"{path} is prepared already, for this model, these operators and this data: nothing to do")
-            return
-        dash.align(model, names, cfg, data, path, fp)
+        else:
+            dash.align(model, names, cfg, data, path, fp)
     except DashError as e:
-        raise SystemExit(f"prepare_candidates: {e}")
+        raise SystemExit(f"prepare_candidates: {dash.failed_where()}{e}")
+    dash.leave_distributed()
 
 
 if __name__ == "__main__":

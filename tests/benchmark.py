@@ -42,6 +42,12 @@ SHAPES = {
                                          rms_norm_eps=1e-5, rope_scaling=dict(rope_type="llama3", factor=8.0,
                                          low_freq_factor=1.0, high_freq_factor=4.0,
                                          original_max_position_embeddings=8192))),
+    # Qwen/Qwen2.5-32B-Instruct: 64 x (5120 hidden, 40 q / 8 kv heads of 128, 27648 MLP), untied 152064 vocab. Too
+    # big for one GPU next to its activations: tests/benchmark_dist.py --fsdp shards it (torchrun, 4 GPUs)
+    "qwen2.5-32b": ("Qwen2Config", dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648,
+                                        num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                                        max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False,
+                                        rms_norm_eps=1e-6)),
 }
 QWEN3B = SHAPES["qwen2.5-3b"][1]
 

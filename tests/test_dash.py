@@ -516,3 +516,30 @@ def test_the_small_teacher_is_known_by_its_config_in_a_copy(tmp_path, tiny_dir):
     assert not dash.is_small_model(str(tiny_dir)) and not dash.is_small_model("Qwen/Qwen2.5-3B-Instruct")
     cfg = dash.resolve(dash.Config(model=str(tmp_path / "small_model")), 8)
     assert cfg.seq_len == dash.SMALL["seq_len"] and cfg.window == dash.SMALL["window"]
+
+
+def test_recompute_mlp_keeps_less_and_gives_the_same_gradient(tiny, text_file, tiny_dir):
+    """--recompute-mlp: the MLPs keep only their inputs for the backward pass (fewer saved numbers), the KL and its
+    gradient w.r.t. the probabilities are the same, the teacher gets no gradients and keeps its parameter names;
+    then undone."""
+    model, _ = tiny
+    names_before = [n for n, _ in dash.teacher_parameters(model)]
+    cfg = tiny_cfg(tiny_dir, text_file)
+    mixed(model, cfg)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    w = torch.randn(4, 4, generator=torch.Generator().manual_seed(1)).softmax(-1)
+    active = [[True] * 4] * 4
+    results = []
+    for on in (False, True, False):
+        dash.recompute_mlp(model, on=on)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            kl, grad = dash.kl_and_grad(model, ids, w, active, cfg)
+        results.append((kl, grad, sum(saved)))
+    (kl0, g0, n0), (kl1, g1, n1), (kl2, g2, n2) = results
+    assert torch.allclose(kl0, kl1, rtol=1e-6) and torch.allclose(g0, g1, rtol=1e-5, atol=1e-9)
+    # per layer, at least the gate and up projections (2 x 24 tokens x 128 intermediate each, 2 rows) are not kept
+    assert n1 <= n0 - 4 * 2 * 2 * 24 * 128
+    assert n2 == n0 and torch.equal(g2, g0)  # off again: as before
+    assert all(p.grad is None for p in model.parameters())
+    assert [n for n, _ in dash.teacher_parameters(model)] == names_before
