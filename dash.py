@@ -264,7 +264,7 @@ def failed_where() -> str:
 def shard_teacher(model, device: str):
     """--fsdp: shard the frozen teacher's weights over the ranks (FSDP2), each rank keeping 1/N of every layer and
     gathering a layer's weights just before it runs (again in the backward pass). The units: each attention
-    projection on its own (the candidates and preparation call q/k/v/o_proj directly, outside the layer's forward),
+    projection and q/k norm on its own (the candidates and preparation call them directly, outside the layer's forward),
     then the rest of each decoder layer (MLP, norms). The embeddings, final norm and LM head stay whole on every rank
     (the KL reads the head's weight directly): for a 32B model, 3 GB of 65. Candidates and alpha are not the
     teacher's and stay replicated: install() adds them after this."""
@@ -274,8 +274,9 @@ def shard_teacher(model, device: str):
     # reshard_after_forward=True, said explicitly: the layers are called one by one (final_hidden), never through
     # the model's forward, so each is an FSDP root, and a root left to the default keeps its weights gathered
     for layer in model.model.layers:
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            fully_shard(getattr(layer.self_attn, proj), mesh=mesh, reshard_after_forward=True)
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):  # project() calls each
+            if hasattr(layer.self_attn, proj):
+                fully_shard(getattr(layer.self_attn, proj), mesh=mesh, reshard_after_forward=True)
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)
     for part in (model.model.embed_tokens, model.model.rotary_emb, model.model.norm, model.get_output_embeddings()):
         part.to(device)  # what stays whole (fully_shard moved the shards to the mesh's device already)
