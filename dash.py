@@ -310,9 +310,10 @@ class LayerInput:
 
 
 def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as Qwen2 and Llama apply it: t (B, T, heads, D), cos and sin (B, T, D) from the model's rotary_emb."""
+    """RoPE as Qwen2 and Llama apply it: t (B, T, heads, D), cos and sin (B, T, D) from the model's rotary_emb. In
+    t's dtype: OLMo 2's rotary_emb gives fp32 cos and sin in a bf16 model (its own forward casts back, as here)."""
     half = t.shape[-1] // 2
-    return t * cos[:, :, None] + torch.cat((-t[..., half:], t[..., :half]), -1) * sin[:, :, None]
+    return (t * cos[:, :, None] + torch.cat((-t[..., half:], t[..., :half]), -1) * sin[:, :, None]).to(t.dtype)
 
 
 def teacher_window(attn: nn.Module) -> int | None:

@@ -398,13 +398,6 @@ def test_bad_inputs_get_one_clear_message(tiny_dir, text_file, tmp_path, capsys)
                                      embedding_multiplier=12.0)).save_pretrained(granite)
     AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(granite)
     fails(["--model", str(granite)], "is not embeddings, layers, norm")
-    sliding = tmp_path / "sliding"
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                 num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
-                                 sliding_window=8, max_window_layers=2)).save_pretrained(sliding)
-    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(sliding)
-    fails(["--model", str(sliding)], "has sliding-window layers")
 
 
 def test_offline_hub_data_says_what_to_pass(monkeypatch):

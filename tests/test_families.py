@@ -164,3 +164,16 @@ def test_benchmark_shapes_have_the_published_parameter_counts():
             model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kw))
         count = sum(p.numel() for p in model.parameters())
         assert abs(count / n - 1) < 5e-3, (name, count)
+
+
+def test_a_bf16_teacher_gives_its_operators_bf16_projections(family):
+    """OLMo 2's rotary embedding gives fp32 cos and sin in a bf16 model: the rotated q and k must come back in the
+    model's dtype, or the teacher's own sdpa refuses mixed dtypes (found on the H100)."""
+    name, path = family
+    model, _ = dash.load_model(str(path), dtype=torch.bfloat16)
+    attn = dash.teacher_attention(model)[0]
+    x = torch.randn(1, 12, 64, dtype=torch.bfloat16)
+    rope = model.model.rotary_emb(x, torch.arange(12)[None], *(["sliding_attention"] if name == "gemma3" else []))
+    p = dash.project(attn, x, rope)
+    assert {t.dtype for t in (p.q, p.k, p.v, p.q_rope, p.k_rope)} == {torch.bfloat16}, name
+    assert dash.FullAttention(attn, dash.Config(kernels="torch"))(p).dtype == torch.bfloat16
