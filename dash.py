@@ -1575,7 +1575,8 @@ def align(model, names: list[str], cfg: Config, data: dict, path: Path, fp: dict
                              optimizer=optimizer.state_dict(), sched=sched.state_dict(), before=before), partial)
     after = alignment_loss(model, ops, held_out, observe=True)
     report = dict(fingerprint=fp, data=data["record"], wall_time_s=round(time.time() - t0, 1), device=str(device),
-                  world_size=world(), per_rank_batch=cfg.batch_size // world(), curve=[round(c, 5) for c in curve], step_times=step_times,
+                  world_size=world(), per_rank_batch=cfg.batch_size // world(),
+                  curve=[round(c, 5) for c in curve], step_times=step_times,
                   trained=[n for n in names if trainable(ops[0][n])],
                   layers=[{n: dict(before=round(b[n], 5), after=round(a[n], 5), cost=round(at[n].cost(cfg.seq_len), 5))
                            for n in names} for b, a, at in zip(before, after, ops)])  # cost at the sequence length
