@@ -296,7 +296,8 @@ def ga_s2_kls(model, tokenizer, ecfg: EvalConfig, cfg, weights: dict, fill: list
     import finetune  # eval_ruler builds on finetune.py, never the reverse
     small = dash.is_small_model(cfg.model)
     fcfg = finetune.FinetuneConfig(model=cfg.model, tokens=ecfg.ga_tokens or (32_768 if small else 4_000_000),
-                                   lr=(finetune.SMALL if small else finetune.PAPER)["lr"], log_every=10 ** 9)
+                                   log_every=10 ** 9,
+                                   **{k: (finetune.SMALL if small else finetune.PAPER)[k] for k in ("lr", "lr_other")})
     data = dash.load_data(tokenizer, cfg, parts=("held_out", "finetune"), finetune_tokens=fcfg.tokens)
     result = finetune.ga_s2(dash.restore_teacher(model), fill, weights, cfg, data["finetune"], data["held_out"], fcfg)
     costs["ga-s2"] = {**result, "train": fcfg.train, "lr": fcfg.lr}

@@ -53,9 +53,12 @@ class FinetuneConfig:
                                     "model: under 5 minutes on a 2-core CPU)")
     lr: float | None = flag(None, "AdamW peak learning rate of the operators and attention projections "
                                   "(default: 1e-4 as hybrid-distillation's stage 2; 1e-3 for the small model's few steps)")
-    lr_other: float = flag(7e-6, "peak learning rate outside attention, with --train all (hybrid-distillation's stage 2)")
+    lr_other: float | None = flag(None, "peak learning rate outside attention, with --train all (default: 7e-6 as "
+                                        "hybrid-distillation's stage 2; 7e-5 for the small model, the same ratio)")
     warmup: float = flag(0.05, "share of the steps with linear warm-up; cosine decay to 0 after")
     top_k: int = flag(0, "0: full-vocabulary KL; k > 0: decoupled top-k KL on the teacher's k most likely tokens")
+    epochs: int = flag(1, "passes over the finetuning tokens, each in a new order (the small teacher's text holds "
+                          "327,680 finetuning tokens: a longer run repeats them)")
     seed: int = flag(0, "seed of the finetuning tokens' order")
     data: str | None = flag(None, "text (default: the architecture's); finetuning reads the tokens after the search's")
     log_every: int = flag(10, "steps between loss lines in the log")
@@ -68,8 +71,8 @@ class FinetuneConfig:
 
 
 # Defaults that depend on the model, as in dash.py: the paper's scale, and CPU minutes for the small teacher.
-PAPER = dict(tokens=20_000_000, lr=1e-4)
-SMALL = dict(tokens=163_840, lr=1e-3)
+PAPER = dict(tokens=20_000_000, lr=1e-4, lr_other=7e-6)
+SMALL = dict(tokens=163_840, lr=1e-3, lr_other=7e-5)
 
 
 def resolve(fcfg: FinetuneConfig, arch: dict) -> FinetuneConfig:
@@ -80,6 +83,8 @@ def resolve(fcfg: FinetuneConfig, arch: dict) -> FinetuneConfig:
             setattr(fcfg, name, value)
     if fcfg.train not in TRAIN_SETS:
         raise DashError(f"--train {fcfg.train!r}: choose one of {', '.join(TRAIN_SETS)}")
+    if fcfg.epochs < 1:
+        raise DashError(f"--epochs {fcfg.epochs} must be at least 1")
     if fcfg.tokens < 1 or fcfg.lr <= 0 or fcfg.lr_other < 0 or fcfg.top_k < 0 or not 0 <= fcfg.warmup < 1:
         raise DashError(f"--tokens {fcfg.tokens}, --lr {fcfg.lr}, --lr-other {fcfg.lr_other}, --top-k {fcfg.top_k}, "
                         f"--warmup {fcfg.warmup}: need tokens >= 1, lr > 0, lr-other >= 0, top-k >= 0, 0 <= warmup < 1")
@@ -183,8 +188,8 @@ class MasterAdamW:
         for g, peak in zip(self.opt.param_groups, self.peak):
             g["lr"] = peak * scale
         for p, m in self.pairs:
-            if m is not p:
-                m.grad = None if p.grad is None else p.grad.float()
+            if m is not p:  # the fp32 gradient replaces the bf16 one at once: one of them alive per tensor
+                m.grad, p.grad = None if p.grad is None else p.grad.float(), None
         self.opt.step()
         with torch.no_grad():
             for p, m in self.pairs:
@@ -284,6 +289,11 @@ def prepare(fcfg: FinetuneConfig):
            f"of {cfg.batch_size}x{cfg.seq_len}, tokens {ranges['finetune'][0]:,} to {ranges['finetune'][1]:,}: "
            f"lower finetune.py's --tokens, or give more text with --data")
     data = dash.load_data(tokenizer, cfg, parts=("held_out", "finetune"), finetune_tokens=fcfg.tokens, why=why)
+    if fcfg.epochs > 1:  # (epochs x n, B, T): every pass its own order of the sequences
+        seqs = data["finetune"].flatten(0, 1)                                    # (n B, T)
+        order = [torch.randperm(len(seqs), generator=torch.Generator().manual_seed(fcfg.seed + e))
+                 for e in range(fcfg.epochs)]
+        data["finetune"] = torch.cat([seqs[o] for o in order]).view(-1, *data["finetune"].shape[1:])
     return arch, fcfg, cfg, teacher, state, data
 
 
@@ -314,7 +324,7 @@ def run(fcfg: FinetuneConfig) -> tuple[dict, object]:
                   weights=str(weights), sha256=hashlib.sha256(weights.read_bytes()).hexdigest(),
                   train=fcfg.train, trained=[n for g in groups for n, _ in g["params"]],
                   lrs=[g["lr"] for g in groups], trained_weights=n_trained, loss="kl" if not fcfg.top_k else
-                  f"decoupled top-{fcfg.top_k} KL", tokens=int(data["finetune"].numel()),
+                  f"decoupled top-{fcfg.top_k} KL", tokens=int(data["finetune"].numel()), epochs=fcfg.epochs,
                   held_out_kl=dict(before=round(kl_before, 6), after=round(kl_after, 6)),
                   wall_time_s=result["wall_time_s"], data=data["record"], config=asdict(fcfg),
                   versions=dash.versions(), history=result["history"])
