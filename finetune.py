@@ -153,8 +153,9 @@ def student_of(teacher, layers: list[str], state: dict, cfg: dash.Config):
 
 
 def parameter_groups(student, layers: list[str], train: str, lr: float, lr_other: float) -> list[dict]:
-    """The optimizer's groups of (name, parameter) for a train set; everything else stays frozen (no gradient).
-    The embeddings and the LM head never train: the fused KL's gradient stops at the final hidden state."""
+    """The optimizer's groups of (name, parameter) for a train set, switched to get gradients; everything else
+    stays frozen. The embeddings and the LM head never train: the fused KL's gradient stops at the final hidden
+    state (the head's weight gets none)."""
     cheap = {l for l, n in enumerate(layers) if n != dash.FULL}
     inside, outside = [], []
     for name, p in student.named_parameters():
@@ -169,6 +170,9 @@ def parameter_groups(student, layers: list[str], train: str, lr: float, lr_other
     if not inside:
         raise DashError(f"--train {train}: nothing to train in this hybrid ({' '.join(layers)}): swa has no "
                         f"parameters of its own; use --train attn or all")
+    for g in groups:
+        for _, p in g["params"]:
+            p.requires_grad_(True)
     return groups
 
 
@@ -305,9 +309,6 @@ def run(fcfg: FinetuneConfig) -> tuple[dict, object]:
     out.mkdir(parents=True, exist_ok=True)
     student = student_of(teacher, arch["layers"], state, cfg)
     groups = parameter_groups(student, arch["layers"], fcfg.train, fcfg.lr, fcfg.lr_other)
-    for g in groups:
-        for _, p in g["params"]:
-            p.requires_grad_(True)
     n_trained = sum(p.numel() for g in groups for _, p in g["params"])
     print(f"trainable ({fcfg.train}): {n_trained:,} weights in {sum(len(g['params']) for g in groups)} tensors; "
           f"frozen: {sum(p.numel() for p in student.parameters()) - n_trained:,} weights and the teacher")
@@ -351,9 +352,6 @@ def ga_s2(teacher, fill: list[str], state: dict, cfg: dash.Config, batches: torc
         layers = [dash.FULL if i == l else op for i, op in enumerate(fill)]
         student = student_of(teacher, layers, state, cfg)
         groups = parameter_groups(student, layers, fcfg.train, fcfg.lr, fcfg.lr_other)
-        for g in groups:
-            for _, p in g["params"]:
-                p.requires_grad_(True)
         distil(student, teacher, batches, groups, fcfg, desc=f"ga-s2 layer {l}")
         kls.append(held_out_kl(student, teacher, held_out, cfg.kl_chunk))
         tqdm.write(f"ga-s2: layer {l} restored, held-out KL after distillation {kls[-1]:.4f}")

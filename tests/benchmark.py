@@ -117,9 +117,6 @@ def time_finetune(args) -> dict:
         try:
             student = finetune.student_of(teacher, layers, state, cfg)
             groups = finetune.parameter_groups(student, layers, train, fcfg.lr, fcfg.lr_other)
-            for g in groups:
-                for _, p in g["params"]:
-                    p.requires_grad_(True)
             times = [h["time"] for h in finetune.distil(student, teacher, batches, groups, fcfg)["history"]]
             skip = min(3, len(times) - 2)
             r = dict(tok_s=(len(times) - 1 - skip) * B * T / (times[-1] - times[skip]), first_step_s=times[0],

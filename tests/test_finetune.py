@@ -41,9 +41,6 @@ def student_and_groups(tiny_arch, tmp_path, train: str, **kw):
     arch, fcfg, cfg, teacher, state, data = finetune.prepare(fcfg_of(tiny_arch, tmp_path, train=train, **kw))
     student = finetune.student_of(teacher, arch["layers"], state, cfg)
     groups = finetune.parameter_groups(student, arch["layers"], fcfg.train, fcfg.lr, fcfg.lr_other)
-    for g in groups:
-        for _, p in g["params"]:
-            p.requires_grad_(True)
     return fcfg, cfg, teacher, student, groups, data
 
 
