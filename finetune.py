@@ -46,9 +46,9 @@ class FinetuneConfig:
     out: str = flag("out/finetuned", "folder for the finetuned arch.json, its weights and checkpoints")
     model: str | None = flag(None, "the teacher (default: the architecture's model)")
     cache: str | None = flag(None, "candidate weights (default: the architecture's candidate_cache)")
-    train: str = flag("attn", "what trains: ops (the cheap operators' new parameters), attn (those and the cheap "
-                              "layers' q/k/v/o projections), all (everything but embeddings and head, --lr-other "
-                              "outside attention). attn: best held-out KL and needles on the small teacher (README)")
+    train: str = flag("all", "what trains: ops (the cheap operators' new parameters), attn (those and the cheap "
+                             "layers' q/k/v/o projections), all (everything but embeddings and head, --lr-other "
+                             "outside attention). all: the lowest held-out KL on the small teacher (README)")
     tokens: int | None = flag(None, "finetuning tokens, after the search's (default: 20M; 163,840 for the small "
                                     "model: under 5 minutes on a 2-core CPU)")
     lr: float | None = flag(None, "AdamW peak learning rate of the operators and attention projections "
