@@ -77,7 +77,7 @@ def test_written_arch_rebuilds_the_finetuned_model_bit_for_bit(tiny_arch, tmp_pa
     written = json.loads((tmp_path / "ft" / "arch.json").read_text())
     assert written == arch and written["layers"] == LAYERS and written["finetune"]["tokens"] == 512
     record = written["finetune"]
-    assert record["train"] == "attn" and len(record["history"]) == 512 // (2 * 64)
+    assert record["train"] == finetune.FinetuneConfig.train and len(record["history"]) == 512 // (2 * 64)
     assert record["data"]["finetune"]["tokens"] == [1024, 1536]  # after held out (256), prep (256), search (512)
     assert set(record["trained"]) == {n for n, p in student.named_parameters() if p.requires_grad}
     from safetensors.torch import load_file
@@ -141,22 +141,43 @@ def test_ga_s2_scores_every_layer_with_the_same_tokens(tiny_arch, tmp_path):
     assert result["tokens"] == 4 * 256 and result["tokens_per_layer"] == 256
 
 
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "finetune.py"), "--device", "cpu", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-
-
-@pytest.mark.parametrize("case", ["other model", "missing candidates", "short text"])
-def test_bad_input_gets_one_clear_message_from_the_cli(tiny_arch, other_tiny_dir, tmp_path, case):
+def test_bad_input_gets_one_clear_message_from_the_cli(tiny_arch, other_tiny_dir, tmp_path):
+    """Through the command line, as a user meets them (the three run side by side: each pays for its imports)."""
     arch = json.loads(tiny_arch.read_text())
-    if case == "missing candidates":
-        arch["candidate_cache"] = str(tmp_path / "gone.safetensors")
-    path = tmp_path / "arch.json"
-    path.write_text(json.dumps(arch))
-    args = {"other model": ["--model", str(other_tiny_dir)], "missing candidates": [],
-            "short text": ["--tokens", str(10 ** 8)]}[case]
-    expect = {"other model": "was prepared for something else", "missing candidates": "gone.safetensors not found",
-              "short text": "lower finetune.py's --tokens"}[case]
-    r = cli("--arch", str(path), "--out", str(tmp_path / "out"), *args)
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("finetune: ") and expect in r.stderr, r.stderr
+    (tmp_path / "arch.json").write_text(json.dumps(arch))
+    (tmp_path / "moved.json").write_text(json.dumps({**arch, "candidate_cache": str(tmp_path / "gone.safetensors")}))
+    cases = {"was prepared for something else": ["arch.json", "--model", str(other_tiny_dir)],  # another model's
+             "gone.safetensors not found": ["moved.json"],                                      # no candidates
+             "lower finetune.py's --tokens": ["arch.json", "--tokens", str(10 ** 8)]}           # too little text
+    runs = {expect: subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), "--device", "cpu", "--arch",
+                                      str(tmp_path / arch_name), "--out", str(tmp_path / "out"), *args], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for expect, (arch_name, *args) in cases.items()}
+    for expect, run in runs.items():
+        _, err = run.communicate(timeout=120)
+        assert run.returncode != 0 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith("finetune: ") and expect in err, err
+
+
+def test_eval_ruler_scores_the_finetuned_hybrid_and_ga_s2(tiny_arch, tmp_path, monkeypatch):
+    import eval_ruler as er
+    finetune.run(fcfg_of(tiny_arch, tmp_path / "ft", tokens=256))
+    scored = []
+    real = er.ruler.run_tasks
+
+    def run_tasks(model, tokenizer, samples, batch_size, name):  # which model each row ran
+        with torch.no_grad():
+            scored.append((name, model(torch.arange(3, 40)[None]).logits))
+        return real(model, tokenizer, samples, batch_size, name)
+    monkeypatch.setattr(er.ruler, "run_tasks", run_tasks)
+    er.main(["--arch", str(tmp_path / "ft" / "arch.json"), "--tasks", "niah_single_2", "--lengths", "512",
+             "--samples", "1", "--baselines", "ga-s2", "--ga-tokens", "256", "--fill", "gdn", "--device", "cpu",
+             "--kernels", "torch", "--out", str(tmp_path / "ruler")])
+    rows = dict(scored)
+    assert list(rows) == ["teacher", "dash", "dash (placement, fill)", "ga-s2"]
+    rebuilt, _ = dash.build_hybrid(tmp_path / "ft" / "arch.json")
+    with torch.no_grad():
+        assert torch.equal(rows["dash"], rebuilt(torch.arange(3, 40)[None]).logits)  # the finetuned one
+    assert not torch.equal(rows["dash"], rows["dash (placement, fill)"])            # the same layers, not finetuned
+    saved = json.loads((tmp_path / "ruler" / "results.json").read_text())
+    assert saved["selector_costs"]["ga-s2"]["tokens"] == 4 * 256 and saved["finetune"]["tokens"] == 256
