@@ -2,7 +2,7 @@
 candidates' preparation nor the search saw (the paper's optional light finetune; seed 004's stage 1).
 
     python finetune.py --arch out/arch.json --out out/finetuned          # the small teacher: minutes on a CPU
-    python finetune.py --arch out/arch.json --train all --tokens 50000000  # a longer run (GPU)
+    python finetune.py --arch out/arch.json --tokens 50000000 --top-k 64   # a longer run (GPU), top-k KL
     python eval_ruler.py --arch out/finetuned/arch.json --baselines none  # RULER of the finetuned hybrid
 
 The hybrid is dash.build_hybrid's; the teacher is the same model before surgery, frozen. Only the parameters that
@@ -329,7 +329,8 @@ def run(fcfg: FinetuneConfig) -> tuple[dict, object]:
                   held_out_kl=dict(before=round(kl_before, 6), after=round(kl_after, 6)),
                   wall_time_s=result["wall_time_s"], data=data["record"], config=asdict(fcfg),
                   versions=dash.versions(), history=result["history"])
-    arch_out = {**arch, "candidate_cache": fcfg.cache or arch["candidate_cache"], "finetune": record}
+    arch_out = {**arch, "model": fcfg.model, "candidate_cache": fcfg.cache or arch["candidate_cache"],
+                "finetune": record}  # the model and candidates it was finetuned from, so that they rebuild it
     arch_out.pop("retrieval_check", None)  # the search's check was of the hybrid before finetuning
     (out / "arch.json").write_text(json.dumps(arch_out, indent=1))
     (out / "finetune.ckpt.pt").unlink(missing_ok=True)
