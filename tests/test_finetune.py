@@ -91,6 +91,11 @@ def test_written_arch_rebuilds_the_finetuned_model_bit_for_bit(tiny_arch, tmp_pa
         assert torch.equal(rebuilt(ids).logits, student(ids).logits)
         unfinetuned = dash.build_hybrid(tiny_arch)[0](ids).logits
     assert not torch.equal(unfinetuned, student(ids).logits)
+    moved = {**written, "finetune": {**record, "weights": str(tmp_path / "gone.safetensors")}}
+    with pytest.raises(dash.DashError, match="gone.safetensors not found"):
+        dash.build_hybrid(moved, model=teacher)
+    with pytest.raises(dash.DashError, match="sha256 differs"):
+        dash.build_hybrid({**written, "finetune": {**record, "sha256": "0" * 64}}, model=teacher)
 
 
 def test_resume_continues_exactly(tiny_arch, tmp_path, monkeypatch):
