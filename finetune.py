@@ -51,8 +51,8 @@ class FinetuneConfig:
                              "outside attention). all: the lowest held-out KL on the small teacher (README)")
     tokens: int | None = flag(None, "finetuning tokens, after the search's (default: 20M; 163,840 for the small "
                                     "model: under 5 minutes on a 2-core CPU)")
-    lr: float | None = flag(None, "AdamW peak learning rate of the operators and attention projections "
-                                  "(default: 1e-4 as hybrid-distillation's stage 2; 1e-3 for the small model's few steps)")
+    lr: float | None = flag(None, "AdamW peak learning rate of the operators and attention projections (default: "
+                                  "1e-4 as hybrid-distillation's stage 2; 1e-3 for the small model's few steps)")
     lr_other: float | None = flag(None, "peak learning rate outside attention, with --train all (default: 7e-6 as "
                                         "hybrid-distillation's stage 2; 7e-5 for the small model, the same ratio)")
     warmup: float = flag(0.05, "share of the steps with linear warm-up; cosine decay to 0 after")
@@ -136,7 +136,7 @@ def loss_terms(fcfg: FinetuneConfig):
 
 
 def held_out_kl(student, teacher, batches: torch.Tensor, chunk: int) -> float:
-    """Mean full-vocabulary KL(teacher || student) over held-out batches (n, B, T): what every train set is scored on."""
+    """Mean full-vocabulary KL(teacher || student) over held-out batches (n, B, T): what each train set is scored on."""
     device, head = next(student.parameters()).device, student.get_output_embeddings()
     with torch.no_grad():
         return sum(dash.chunked_kl(dash.final_hidden(student, ids.to(device)),

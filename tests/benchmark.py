@@ -178,7 +178,7 @@ def main():
     ap.add_argument("--finetune", default="", help="time finetune.py's step instead, for these train sets "
                                                     "(ops,attn,all), --steps steps each, and stop")
     ap.add_argument("--finetune-op", default="gdn", help="the cheap layers' operator of the finetuned hybrid")
-    ap.add_argument("--finetune-shape", default="qwen2.5-3b", help="the model shape of --finetune: " + ", ".join(SHAPES))
+    ap.add_argument("--finetune-shape", default="qwen2.5-3b", help="model shape of --finetune: " + ", ".join(SHAPES))
     ap.add_argument("--out", default="bench.json")
     args = ap.parse_args()
     if args.fla_configs:  # before fla is imported
