@@ -1335,11 +1335,12 @@ def tested(package: str) -> str:
     return package
 
 # ----------------------------------------------------------------------------- data
-# One stream of text (documents joined by EOS), cut into three disjoint ranges, so that nothing is fitted and
-# scored on the same tokens:
+# One stream of text (documents joined by EOS), cut into disjoint ranges, so that nothing is fitted and scored on
+# the same tokens:
 #   [0, H)            held out: the alignment report, the discrete polish, the placement checks
 #   [H, H + P)        preparation: the candidates are aligned on these
 #   [H + P, H + P + S) the search: alpha trains on these
+#   [H + P + S, ...)  finetuning (finetune.py): the exported hybrid's weights train on these, if it asks for them
 # Each range is cut into sequences, whose order the seed shuffles.
 
 
@@ -1373,8 +1374,12 @@ def read_texts(spec: str):
                         yield json.loads(line)["text"]
 
 
-def token_stream(tokenizer, spec: str, need: int) -> torch.Tensor:
-    """The first `need` tokens of the documents, each followed by EOS: (need,) int64."""
+TOO_SHORT = "held out, preparation and search together: lower --tokens or --prep-tokens, or give more text"
+
+
+def token_stream(tokenizer, spec: str, need: int, why: str | None = None) -> torch.Tensor:
+    """The first `need` tokens of the documents, each followed by EOS: (need,) int64. why: what needs them and what
+    to do about it, for the error when the text is too short (default: TOO_SHORT)."""
     ids, eos = [], tokenizer.eos_token_id
     with tqdm(total=need, desc="tokenizing", unit="tok", leave=False, disable=not is_main()) as bar:
         for text in read_texts(spec):
@@ -1384,16 +1389,18 @@ def token_stream(tokenizer, spec: str, need: int) -> torch.Tensor:
             if len(ids) >= need:
                 break
     if len(ids) < need:
-        raise DashError(f"--data {spec} has {len(ids):,} tokens; the run needs {need:,} (held out, preparation and "
-                        f"search together: lower --tokens or --prep-tokens, or give more text)")
+        raise DashError(f"--data {spec} has {len(ids):,} tokens; the run needs {need:,} ({why or TOO_SHORT})")
     return torch.tensor(ids[:need])
 
 
-def data_ranges(cfg: Config) -> dict[str, tuple[int, int]]:
-    """The token ranges [start, end) of the stream, each a whole number of batches (at least one)."""
+def data_ranges(cfg: Config, finetune_tokens: int = 0) -> dict[str, tuple[int, int]]:
+    """The token ranges [start, end) of the stream, each a whole number of batches (at least one); a finetune
+    range after the search's when finetune_tokens > 0."""
     per_batch = cfg.batch_size * cfg.seq_len
     sizes = {"held_out": cfg.held_out, "prep": max(1, cfg.prep_tokens // per_batch),
              "search": max(1, cfg.tokens // per_batch)}
+    if finetune_tokens > 0:
+        sizes["finetune"] = max(1, finetune_tokens // per_batch)
     ranges, start = {}, 0
     for name, batches in sizes.items():
         ranges[name] = (start, start + batches * per_batch)
@@ -1422,12 +1429,14 @@ def data_record(tokens: dict[str, torch.Tensor], cfg: Config, ranges: dict) -> d
                 **{p: dict(tokens=list(ranges[p]), digest=token_digest(t)) for p, t in tokens.items()})
 
 
-def load_data(tokenizer, cfg: Config, parts=("held_out", "prep", "search")) -> dict:
-    """The batches of each range (held_out, prep, search), and a record of what they are: the ranges, their
-    content digests and the seeds: preparation shuffles its range with --prep-seed, the search with --seed."""
-    ranges = data_ranges(cfg)
-    stream = token_stream(tokenizer, cfg.data, max(ranges[p][1] for p in parts))
-    seeds = dict(held_out=None, prep=cfg.prep_seed, search=cfg.seed)  # held out: in order, whatever the seeds
+def load_data(tokenizer, cfg: Config, parts=("held_out", "prep", "search"), finetune_tokens: int = 0,
+              why: str | None = None) -> dict:
+    """The batches of each range (held_out, prep, search, finetune), and a record of what they are: the ranges,
+    their content digests and the seeds: preparation shuffles its range with --prep-seed, the search and the
+    finetuning theirs with --seed. why: token_stream's, for the error when the text is too short."""
+    ranges = data_ranges(cfg, finetune_tokens)
+    stream = token_stream(tokenizer, cfg.data, max(ranges[p][1] for p in parts), why)
+    seeds = dict(held_out=None, prep=cfg.prep_seed, search=cfg.seed, finetune=cfg.seed)  # held out: in order
     data = {p: batches_of(stream, ranges[p], cfg, seeds[p]) for p in parts}
     return dict(data, record=data_record({p: stream[slice(*ranges[p])] for p in parts}, cfg, ranges))
 
@@ -2081,16 +2090,44 @@ def candidates_for(model, arch: dict, cfg: Config) -> dict[str, torch.Tensor]:
 
 def build_hybrid(arch: dict | str, model=None, state: dict | None = None, cfg: Config | None = None):
     """The hybrid HF model of an architecture JSON (a dict or a path): the teacher with each layer's chosen
-    operator and its prepared weights, checked (check_generation). Returns (model, tokenizer or None)."""
+    operator and its prepared weights, checked (check_generation). An architecture that finetune.py wrote also
+    carries the weights that finetuning changed; they go into a copy of a given model, which stays the teacher.
+    Returns (model, tokenizer or None)."""
     arch = read_arch(arch)
     cfg = cfg or arch_config(arch)
     tokenizer = None
     if model is None:
         device, dtype = devices(cfg)
         model, tokenizer = load_model(arch["model"], device, dtype)
+    elif "finetune" in arch:
+        import copy
+        model = copy.deepcopy(restore_teacher(model))
     if state is None:
         state = candidates_for(model, arch, cfg)
-    return make_hybrid(model, arch["layers"], state, cfg), tokenizer
+    if "finetune" not in arch:
+        return make_hybrid(model, arch["layers"], state, cfg), tokenizer
+    make_hybrid(model, arch["layers"], state, cfg, check=False)
+    load_finetuned(model, arch["finetune"])
+    check_generation(model)
+    return model, tokenizer
+
+
+def load_finetuned(model, record: dict):
+    """Put the weights that finetune.py changed into a hybrid: record["weights"] is a safetensors file keyed by
+    the hybrid's parameter names (model.layers.<l>.self_attn.op.<name> for an operator's, ...attn.q_proj.weight
+    for the teacher's projections), checked against record["sha256"]."""
+    from safetensors.torch import load_file
+    path = Path(record["weights"])
+    if not path.is_file():
+        raise DashError(f"finetuned weights {path} not found (finetune.py writes them beside its arch.json)")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != record["sha256"]:
+        raise DashError(f"{path} is not the file this architecture was finetuned into (its sha256 differs)")
+    params = dict(model.named_parameters())
+    for name, t in load_file(str(path)).items():
+        if name not in params or params[name].shape != t.shape:
+            raise DashError(f"{path}: {name} {tuple(t.shape)} is not a parameter of this hybrid")
+        with torch.no_grad():
+            params[name].copy_(t)
 
 def retrieval_check(model, tokenizer, arch: dict, state: dict, cfg: Config, haystack=None,
                     batch_size: int = 8) -> dict:

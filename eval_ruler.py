@@ -67,6 +67,8 @@ SELECTORS = {
     "ar": "hybrid-distillation's layer_selection/evaluate_layer_importance.py: key-value sum accuracy drop",
     "nll": "NLL-guided (arXiv 2606.27791): answer-NLL rise when a layer becomes a sliding window",
     "halo": "HALO's attn-layer-selection/layer_analysis.py: retrieval drop over commonsense drop",
+    "ga-s2": "hybrid-distillation's KL-guided selection: restore one layer to full attention in the all-cheap "
+             "student, distil briefly (finetune.py), lowest held-out KL keeps full attention",
     "jet-nemotron": "Jet-Nemotron's published placement (Qwen2.5-3B only)",
     "hd": "hybrid-distillation's published placements, hd-<selector> (Qwen2.5-3B only)",
 }
@@ -91,6 +93,8 @@ class EvalConfig:
     random_seeds: int = dash.flag(3, "random placements to average")
     probes: int = dash.flag(16, "probe samples of the probe-based selectors (recall-importance, retrieval-score, "
                                "ar, nll, halo)")
+    ga_tokens: int | None = dash.flag(None, "ga-s2: distillation tokens per restored layer, the same for every layer, "
+                                           "after the search's (default: 4M; 32,768 for the small model)")
     fill: str = dash.flag("best", "operator of the baselines' other layers: best (lowest alignment loss of the "
                                  "layer, from the preparation report) or an operator name")
     batch_size: int = dash.flag(8, "prompts generated together (left-padded)")
@@ -286,10 +290,26 @@ def halo_combine(rt: list[float], cs: list[float]) -> list[float]:
     return [min(50.0, (max(rt) - r) / (max(cs) - c + 1e-10)) for r, c in zip(rt, cs)]
 
 
+def ga_s2_kls(model, tokenizer, ecfg: EvalConfig, cfg, weights: dict, fill: list[str], costs: dict) -> list[float]:
+    """GA-S2 (finetune.ga_s2) with finetune.py's default train set and learning rate: per layer, the held-out KL of
+    the all-cheap student with that layer restored, after a brief distillation. Its cost goes into `costs`."""
+    import finetune  # eval_ruler builds on finetune.py, never the reverse
+    small = dash.is_small_model(cfg.model)
+    fcfg = finetune.FinetuneConfig(model=cfg.model, tokens=ecfg.ga_tokens or (32_768 if small else 4_000_000),
+                                   log_every=10 ** 9,
+                                   **{k: (finetune.SMALL if small else finetune.PAPER)[k] for k in ("lr", "lr_other")})
+    data = dash.load_data(tokenizer, cfg, parts=("held_out", "finetune"), finetune_tokens=fcfg.tokens)
+    result = finetune.ga_s2(dash.restore_teacher(model), fill, weights, cfg, data["finetune"], data["held_out"], fcfg)
+    costs["ga-s2"] = {**result, "train": fcfg.train, "lr": fcfg.lr}
+    print(f"ga-s2: {result['tokens']:,} tokens ({result['tokens_per_layer']:,} per layer), {result['wall_time_s']} s")
+    return result["kl"]
+
+
 def placements(model, tokenizer, arch: dict, ecfg: EvalConfig, cfg, weights: dict, report: dict | None,
-               fill: list[str], probe_len: int) -> dict:
+               fill: list[str], probe_len: int, costs: dict | None = None) -> dict:
     """The baselines --baselines asks for: name -> {layer: operator} for its full-attention (and, for
-    Jet-Nemotron, window) layers. Only the selectors asked for run."""
+    Jet-Nemotron, window) layers. Only the selectors asked for run; those that train record their cost in
+    `costs`."""
     want = wanted(ecfg.baselines)
     L, K = len(model.model.layers), len(arch["full_layers"])
     picks = {}
@@ -321,6 +341,9 @@ def placements(model, tokenizer, arch: dict, ecfg: EvalConfig, cfg, weights: dic
     if want("halo"):
         text = dash.token_stream(tokenizer, cfg.data, 4 * probe_len).view(4, probe_len)  # the held-out text first
         picks["halo"] = top(halo_scores(model, tokenizer, probes, text, fill, weights, cfg), K)
+    if want("ga-s2"):  # the lowest KL after distillation keeps full attention
+        picks["ga-s2"] = top([-kl for kl in ga_s2_kls(model, tokenizer, ecfg, cfg, weights, fill,
+                                                      {} if costs is None else costs)], K)
     out = {n: {l: "full" for l in layers} for n, layers in picks.items()}
     if L == 36:  # published placements for Qwen2.5-3B-Instruct
         if want("jet-nemotron"):
@@ -431,12 +454,19 @@ def evaluate(ecfg: EvalConfig) -> dict:
     fill = fill_layers(arch, report, ecfg.fill)
     models = {"teacher": ["full"] * len(fill), "dash": arch["layers"],
               "dash (placement, fill)": ["full" if n == "full" else f for n, f in zip(arch["layers"], fill)]}
-    for name, placed in placements(model, tokenizer, arch, ecfg, cfg, weights, report, fill, min(lengths)).items():
+    costs = {}
+    for name, placed in placements(model, tokenizer, arch, ecfg, cfg, weights, report, fill, min(lengths),
+                                   costs).items():
         models[name] = [placed.get(l, f) for l, f in enumerate(fill)]
+    # a finetuned architecture (finetune.py): the dash row is the finetuned hybrid, a copy; the others are not
+    finetuned = dash.build_hybrid(arch, model, weights, cfg)[0] if "finetune" in arch else None
+
+    def hybrid(name: str, layers: list[str]):
+        return finetuned if name == "dash" and finetuned is not None else dash.make_hybrid(model, layers, weights, cfg)
+
     results = {}
     for name, layers in models.items():
-        dash.make_hybrid(model, layers, weights, cfg)
-        results[name] = {**ruler.run_tasks(model, tokenizer, samples, ecfg.batch_size, name),
+        results[name] = {**ruler.run_tasks(hybrid(name, layers), tokenizer, samples, ecfg.batch_size, name),
                          "layers": "".join(dash.CANDIDATES[n].code for n in layers)}  # one letter a layer
         print(f"{name:>24}: avg {results[name]['avg']:.1f}")
     rand = [r["avg"] for n, r in results.items() if n.startswith("random-")]
@@ -444,12 +474,12 @@ def evaluate(ecfg: EvalConfig) -> dict:
         print(f"random placements: mean {sum(rand) / len(rand):.1f}, min {min(rand):.1f}, max {max(rand):.1f}")
     speeds, lm_scores = {}, {}
     for name in ("teacher", "dash"):
-        dash.make_hybrid(model, models[name], weights, cfg)
+        m = hybrid(name, models[name])
         if ecfg.speed and device.startswith("cuda"):
             for length in lengths:
-                speeds[f"{name}@{length}"] = speed(model, length)
+                speeds[f"{name}@{length}"] = speed(m, length)
         if ecfg.lm_eval:
-            lm_scores[name] = lm_eval_scores(model, tokenizer, ecfg.lm_eval, ecfg.batch_size)
+            lm_scores[name] = lm_eval_scores(m, tokenizer, ecfg.lm_eval, ecfg.batch_size)
     dash.restore_teacher(model)
     essay = any(t in ruler.ESSAY_TASKS for t in tasks)
     md = ruler.table(results, f"RULER, {ecfg.samples} samples per task, {arch['model']}, K={arch['k']}, {template} "
@@ -461,7 +491,9 @@ def evaluate(ecfg: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(md + "\n")
     (out / "results.json").write_text(json.dumps(dict(
-        config=asdict(ecfg), arch=arch["layers"], results=results, speed=speeds, lm_eval=lm_scores, lengths=lengths,
+        config=asdict(ecfg), arch=arch["layers"], finetune=arch.get("finetune") and {
+            k: v for k, v in arch["finetune"].items() if k != "history"}, selector_costs=costs,
+        results=results, speed=speeds, lm_eval=lm_scores, lengths=lengths,
         tasks=tasks, averaged_over=ruler.coverage(tasks), template=template,
         haystack=haystack.describe() if essay else None), indent=1))
     print(md)

@@ -114,6 +114,45 @@ def teacher_forward(model, batches) -> float:
     return batches[1:].numel() / (time.perf_counter() - t)
 
 
+def time_finetune(args) -> dict:
+    """finetune.py's step on a shape, for each train set of --finetune: the teacher's pass, the hybrid's pass and
+    backward, the fused KL, AdamW on fp32 masters. The hybrid: 5 full-attention layers at hybrid-distillation's
+    KL-guided placement (36 layers; else every 7th), --finetune-op elsewhere, its new parameters at their initial
+    values (the same speed as prepared ones). Tokens/s over the steps after the first 3, peak memory; an OOM is
+    recorded, not raised."""
+    import finetune
+    B, T, kw = args.batch_size, args.seq_len, SHAPES[args.shape][1]
+    teacher, L = shape_model(args.shape), kw["num_hidden_layers"]
+    full = eval_ruler.HYBRID_DISTILLATION["kl_guided"][5] if L == 36 else list(range(0, L, 7))
+    layers = ["full" if l in full else args.finetune_op for l in range(L)]
+    cfg = dash.Config(model=args.shape, window=args.window, kernels="fla", seq_len=T, batch_size=B)
+    state = dash.candidate_state(dash.make_ops(teacher, [args.finetune_op], cfg))
+    batches = torch.randint(0, kw["vocab_size"], (args.steps, B, T), generator=torch.Generator().manual_seed(0))
+    res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, shape=args.shape, batch=B, seq_len=T,
+               layers="".join(dash.CANDIDATES[n].code for n in layers), finetune={})
+    for train in args.finetune.split(","):
+        fcfg = finetune.FinetuneConfig(train=train, lr=finetune.PAPER["lr"], lr_other=finetune.PAPER["lr_other"],
+                                       log_every=10 ** 9)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            student = finetune.student_of(teacher, layers, state, cfg)
+            groups = finetune.parameter_groups(student, layers, train, fcfg.lr, fcfg.lr_other)
+            times = [h["time"] for h in finetune.distil(student, teacher, batches, groups, fcfg)["history"]]
+            skip = min(3, len(times) - 2)
+            r = dict(tok_s=(len(times) - 1 - skip) * B * T / (times[-1] - times[skip]), first_step_s=times[0],
+                     peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
+                     trained_weights=sum(p.numel() for g in groups for _, p in g["params"]))
+            r["hours_for_20M"] = finetune.PAPER["tokens"] / r["tok_s"] / 3600
+        except torch.cuda.OutOfMemoryError as e:
+            r = dict(oom=str(e).split("\n")[0], peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+        student = groups = None
+        res["finetune"][train] = r
+        print("finetune", train, r, flush=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    return res
+
+
 def dump_fla_configs(out: Path):
     """fla's autotuning results of this process, in the format fla reads from FLA_CONFIG_DIR
     ({kernel}.json: autotune_entries keyed by the hash of the autotune key)."""
@@ -158,10 +197,15 @@ def main():
     ap.add_argument("--polish-moves", type=int, default=0, help="time the discrete polish (dash.py --polish) from the "
                                                                   "collapsed state, on one held-out batch")
     ap.add_argument("--shape", default="qwen2.5-3b", help="published model shape: " + ", ".join(SHAPES))
+    ap.add_argument("--finetune", default="", help="time finetune.py's step instead, for these train sets "
+                                                    "(ops,attn,all), --steps steps each, and stop")
+    ap.add_argument("--finetune-op", default="gdn", help="the cheap layers' operator of the finetuned hybrid")
     ap.add_argument("--out", default="bench.json")
     args = ap.parse_args()
     if args.fla_configs:  # before fla is imported
         os.environ.update(FLA_CONFIG_DIR=args.fla_configs, FLA_CACHE_MODE="fuzzy")
+    if args.finetune:
+        return time_finetune(args)
     B, T = args.batch_size, args.seq_len
     names = dash.candidate_names(args.candidates)
     gpu = torch.cuda.get_device_name()
