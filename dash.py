@@ -1535,8 +1535,9 @@ def align(model, names: list[str], cfg: Config, data: dict, path: Path, fp: dict
     train, held_out = data["prep"], data["held_out"].to(device)
     steps = len(train)
     print(f"aligning {', '.join(names)} in {len(ops)} layers: {sum(p.numel() for p in params):,} new parameters, "
-          f"{steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens ({world()} processes of {cfg.batch_size // world()} "
-          f"sequences); teacher and its projections frozen")
+          f"{steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens"
+          + (f" ({world()} processes of {cfg.batch_size // world()} sequences)" if world() > 1 else "")
+          + "; teacher and its projections frozen")
     optimizer = torch.optim.AdamW(params, lr=cfg.prep_lr, weight_decay=0.0) if params else None
     warm = max(1, steps // 20)  # 5% warm-up, then cosine decay
     sched = optimizer and torch.optim.lr_scheduler.LambdaLR(
