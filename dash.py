@@ -1619,7 +1619,6 @@ def definition_digest(cls: type) -> str:
     class of dash (or of the operator's own module) that their code uses, followed through what those use in turn
     (GLA -> gla -> gla_chunked -> chunks ...). Editing any of them (GLA's gate floor, say) changes the digest, and
     weights prepared before the edit are refused. A class without source (made by exec) counts by its bytecode."""
-    import inspect
     mine = {__name__, cls.__module__} - {"builtins"}
     todo, seen, parts = [cls], set(), []
     while todo:
@@ -1639,7 +1638,6 @@ def definition_digest(cls: type) -> str:
 
 def code_objects(obj) -> list:
     """The code objects of a function, or of a class's methods, nested ones (comprehensions, lambdas) included."""
-    import inspect
     import types
     fns = [obj] if not inspect.isclass(obj) else [getattr(v, "__func__", v) for v in vars(obj).values()]
     todo = [f.__code__ for f in fns if hasattr(f, "__code__")]
@@ -1655,7 +1653,6 @@ def used_globals(obj) -> list:
     """What the code of a function or class reads as global names (and, through a module it reads, the attributes
     it takes of it: dash.gla in a fork's operator)."""
     import dis
-    import inspect
     scope = getattr(obj, "__globals__", None) or vars(sys.modules[obj.__module__])
     if inspect.isclass(obj):
         fns = [getattr(v, "__func__", v) for v in vars(obj).values() if hasattr(getattr(v, "__func__", v), "__globals__")]

@@ -85,3 +85,17 @@ def prepared_state(tiny_dir, text_file, path, names=("full", "swa", "gla", "gdn"
     cfg = dash.resolve(tiny_cfg(tiny_dir, text_file, cache=str(path), candidates=",".join(names), **kw), 4)
     model, tok = dash.load_model(str(tiny_dir))
     return dash.load_or_prepare(model, list(names), cfg, dash.load_data(tok, cfg, parts=("held_out", "prep")))[1]
+
+
+def plain_kl_and_grad(model, ids, w):
+    """The reference for dash.kl_and_grad: HF's own forward of teacher and mixture (operator probabilities w), a plain
+    full-vocabulary KL(teacher || mixture) averaged over tokens, and its gradient w.r.t. w by autograd."""
+    with torch.no_grad():
+        dash.set_probs(model, None)
+        log_p = model(ids, use_cache=False).logits.log_softmax(-1)
+    w_ref = w.clone().requires_grad_()
+    dash.set_probs(model, w_ref)
+    log_q = model(ids, use_cache=False).logits.log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    kl.backward()
+    return kl.detach(), w_ref.grad
