@@ -169,8 +169,8 @@ def resolve(cfg: Config, n_layers: int) -> Config:
 # search's only trainable tensor is alpha (layers x operators, a few hundred numbers), and its gradient enters
 # through dKL/dw, computed outside any module: so a plain all_reduce of the KL and dKL/dw does what DDP would,
 # without its buckets and hooks around a module. Alpha and Adam then take the same step from the same numbers on
-# every rank and stay identical (checked at the end). Preparation all-reduces the candidates' gradients once a step
-# (see align). Rank 0 alone writes files, prints and draws progress bars. With one process (python dash.py)
+# every rank and stay identical (checked at the end). Preparation splits the layers over the ranks instead
+# (gather_layers). Rank 0 alone writes files, prints and draws progress bars. With one process (python dash.py)
 # world() is 1 and every helper here does nothing.
 
 
@@ -1524,6 +1524,43 @@ def save_atomic(obj, path: Path):
     os.replace(tmp, path)
 
 
+def gather_layers(seen: list[tuple]) -> list[tuple | None]:
+    """Layer-split alignment under torchrun: rank r aligns the layers l with l % N == r, on the whole batch. Each
+    rank ran the teacher on its share of the batch (capture); the shares of layer l's input and attention output go
+    to that layer's rank (dist.gather, in rank order: the batch's order). RoPE needs no gathering: every row has
+    the same positions. Returns per layer (x, rope, target) of the whole batch where this rank aligns it, else None.
+    Why not data parallel: with a share of one sequence each, the eager alignment step is bound by the launches
+    of 36 layers' kernels, not by its arithmetic, so 4 GPUs ran slower than one (H100s: 13k against 17k tok/s)."""
+    out = []
+    for l, (x, rope, target) in enumerate(seen):
+        mine = l % world() == rank()
+        whole = []
+        for t in (x, target):
+            parts = [torch.empty_like(t) for _ in range(world())] if mine else None
+            dist.gather(t.contiguous(), parts, dst=l % world())
+            whole.append(torch.cat(parts) if mine else None)
+        out.append((whole[0], rope, whole[1]) if mine else None)
+    return out
+
+
+def sync_layers(ops, optimizer, step: int):
+    """After layer-split alignment (and before each checkpoint): every rank gets every layer's weights and AdamW
+    moments from the rank that aligned it: one all-reduce of a sum to which the other ranks add zeros. Then every
+    rank holds the same state, as in data-parallel alignment, and a checkpoint resumes with any number of ranks."""
+    slots = []
+    for l, layer in enumerate(ops):
+        for p in (p for op in layer.values() for p in op.parameters()):
+            st = optimizer.state[p]
+            if not st:  # another rank's layer: AdamW never stepped it here
+                st.update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            st["step"] = torch.tensor(float(step))  # every aligned parameter steps once a step
+            slots += [(t, l % world() == rank()) for t in (p.data, st["exp_avg"], st["exp_avg_sq"])]
+    flat = torch.cat([(t if mine else torch.zeros_like(t)).flatten().float() for t, mine in slots])
+    dist.all_reduce(flat)
+    for (t, _), part in zip(slots, flat.split([t.numel() for t, _ in slots])):
+        t.copy_(part.view_as(t))
+
+
 def align(model, names: list[str], cfg: Config, data: dict, path: Path, fp: dict) -> dict:
     """Align every operator in every layer on data["prep"]; report the held-out nmse before and after; write the
     weights (with their fingerprint) and the report beside them. Resumes from its checkpoint (<path>.partial.pt)."""
@@ -1554,38 +1591,51 @@ def align(model, names: list[str], cfg: Config, data: dict, path: Path, fp: dict
         calibrate(model, ops, train[0].to(device))
         before = alignment_loss(model, ops, held_out)
     attns, curve, step_times = teacher_attention(model), [], []
+    split = world() > 1 and not cfg.fsdp  # layer-split alignment (see gather_layers); --fsdp: data parallel
     for step in tqdm(range(start, steps), desc="align", unit="step", initial=start, total=steps, disable=not is_main()):
-        losses, seen = [], capture(model, share(train[step]).to(device))
-        # each layer's nmse divides by the mean square of its target over the whole batch, not this rank's share:
-        # then the mean of the ranks' losses is the batch's loss (one all-reduce of L numbers)
-        norms, = all_reduce_mean(torch.stack([target.float().pow(2).mean() for _, _, target in seen]))
-        for l, (x, rope, target) in enumerate(seen):
+        seen = capture(model, share(train[step]).to(device))
+        if split:  # the layers this rank aligns, on the whole batch (None for the other ranks' layers)
+            seen = gather_layers(seen)
+            norms = [None] * len(seen)
+        else:  # each layer's nmse divides by the mean square of its target over the whole batch, not this rank's
+            # share: then the mean of the ranks' losses is the batch's loss (one all-reduce of L numbers)
+            norms, = all_reduce_mean(torch.stack([target.float().pow(2).mean() for _, _, target in seen]))
+        losses = []
+        for l, layer in enumerate(seen):
             learners = [op for op in ops[l].values() if trainable(op)]
-            if learners:  # one layer's graph at a time: backward right away
-                loss = sum(aligned_loss(op, attns[l], x, rope, target, norms[l]) for op in learners)
+            if layer is not None and learners:  # one layer's graph at a time: backward right away
+                loss = sum(aligned_loss(op, attns[l], *layer, norms[l]) for op in learners)
                 loss.backward()
                 losses.append(loss.detach() / len(learners))
-        if optimizer and world() > 1:  # the whole batch's gradient (and loss): the mean of the ranks' shares.
-            # One all-reduce of all candidates' gradients a step (~100 MB for Qwen2.5-3B, milliseconds on NVLink),
-            # not DDP: a step runs one backward per layer, which DDP's once-a-step hooks do not fit, and its overlap
-            # would save those milliseconds only.
+        if optimizer and world() > 1 and not split:  # data parallel: the whole batch's gradient (and loss) is the
+            # mean of the ranks'. One all-reduce of all candidates' gradients a step (~100 MB for Qwen2.5-3B), not
+            # DDP: a step runs one backward per layer, which DDP's once-a-step hooks do not fit.
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             *grads, loss = all_reduce_mean(*grads, torch.stack(losses).mean())
             for p, g in zip(params, grads):
                 p.grad = g
             losses = [loss]
+        elif split:  # the mean over all layers: the ranks' sums and counts, summed
+            total, = all_reduce_mean(torch.stack([sum(losses, torch.zeros((), device=device)),
+                                                  torch.tensor(float(len(losses)), device=device)]))
+            losses = [total[0] / total[1].clamp_min(1)]
         if optimizer:
             optimizer.step()
             sched.step()
             optimizer.zero_grad(set_to_none=True)
         curve.append(torch.stack(losses).mean().item() if losses else 0.0)  # one host sync per step
         step_times.append(round(time.time() - t0, 3))
-        if optimizer and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps and is_main():
-            save_atomic(dict(fingerprint=fp, step=step + 1, elapsed=time.time() - t0, state=candidate_state(ops),
-                             optimizer=optimizer.state_dict(), sched=sched.state_dict(), before=before), partial)
+        if optimizer and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+            if split:
+                sync_layers(ops, optimizer, step + 1)  # every rank takes part; rank 0 then holds every layer
+            if is_main():
+                save_atomic(dict(fingerprint=fp, step=step + 1, elapsed=time.time() - t0, state=candidate_state(ops),
+                                 optimizer=optimizer.state_dict(), sched=sched.state_dict(), before=before), partial)
+    if optimizer and split:
+        sync_layers(ops, optimizer, steps)
     after = alignment_loss(model, ops, held_out, observe=True)
     report = dict(fingerprint=fp, data=data["record"], wall_time_s=round(time.time() - t0, 1), device=str(device),
-                  world_size=world(), per_rank_batch=cfg.batch_size // world(),
+                  world_size=world(), per_rank_batch=cfg.batch_size // world(), layer_split=split,
                   curve=[round(c, 5) for c in curve], step_times=step_times,
                   trained=[n for n in names if trainable(ops[0][n])],
                   layers=[{n: dict(before=round(b[n], 5), after=round(a[n], 5), cost=round(at[n].cost(cfg.seq_len), 5))

@@ -146,10 +146,10 @@ def held_out_kl(student, teacher, batches: torch.Tensor, chunk: int) -> float:
 # ----------------------------------------------------------------------------- the student
 
 
-def student_of(teacher, layers: list[str], state: dict, cfg: dash.Config):
+def student_of(teacher, layers: list[str], state: dict, cfg: dash.Config, check: bool = True):
     """The hybrid to train: a copy of the teacher with each layer's operator (its prepared weights); the teacher
-    stays as it is, the reference of the KL."""
-    return dash.make_hybrid(copy.deepcopy(teacher), layers, state, cfg)
+    stays as it is, the reference of the KL. check: dash.check_generation (off only where nothing generates)."""
+    return dash.make_hybrid(copy.deepcopy(teacher), layers, state, cfg, check=check)
 
 
 def parameter_groups(student, layers: list[str], train: str, lr: float, lr_other: float) -> list[dict]:

@@ -136,7 +136,9 @@ def time_finetune(args) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
-            student = finetune.student_of(teacher, layers, state, cfg)
+            # no generation check: nothing generates here, and on random weights in bf16 the logits are so flat
+            # that 31 gdn layers' prefill-vs-decode rounding reached 0.057 of their spread (H100), over its 0.05
+            student = finetune.student_of(teacher, layers, state, cfg, check=False)
             groups = finetune.parameter_groups(student, layers, train, fcfg.lr, fcfg.lr_other)
             times = [h["time"] for h in finetune.distil(student, teacher, batches, groups, fcfg)["history"]]
             skip = min(3, len(times) - 2)
