@@ -342,8 +342,8 @@ def keep_mask(mask, T: int, S: int, device, window: int | None = None) -> torch.
     None (causal, no padding; within `window` if given), bool (True = keep) or additive float (0 = keep). In a
     layer where the teacher attends to a window, HF's mask already is that window."""
     if mask is None:
-        dist = torch.arange(S - T, S, device=device)[:, None] - torch.arange(S, device=device)
-        return ((dist >= 0) & (dist < (window or S + 1)))[None, None]
+        lag = torch.arange(S - T, S, device=device)[:, None] - torch.arange(S, device=device)
+        return ((lag >= 0) & (lag < (window or S + 1)))[None, None]
     mask = mask[..., -T:, -S:]
     return mask if mask.dtype == torch.bool else mask == 0
 
@@ -459,9 +459,9 @@ def windowed_attention(p: LayerInput, q, k, v, scaling: float, window: int, kern
     if p.mask is None and T == S and use_fla(q, kernels):
         from fla.ops.attn import parallel_attn
         return torch.compiler.disable(parallel_attn)(q, k, v, scale=scaling, window_size=window)
-    dist = torch.arange(S - T, S, device=q.device)[:, None] - torch.arange(S, device=q.device)
-    keep = (dist >= 0) & (dist < window) & keep_mask(p.mask, T, S, q.device)
-    keep = keep | (dist == 0)  # a padding query sees itself: no all-masked row, no NaN
+    lag = torch.arange(S - T, S, device=q.device)[:, None] - torch.arange(S, device=q.device)  # query - key position
+    keep = (lag >= 0) & (lag < window) & keep_mask(p.mask, T, S, q.device)
+    keep = keep | (lag == 0)  # a padding query sees itself: no all-masked row, no NaN
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=keep, scale=scaling, enable_gqa=True)
     return y.transpose(1, 2)
@@ -843,9 +843,9 @@ def nats_mask(types, globals_k, pos_k, globals_q, pos_q, window: int) -> torch.T
     including each key; globals_q: (B, Hkv, T) global tokens before each query; pos_k (S,), pos_q (T,) positions.
     Returns (B, Hkv, T, S)."""
     g, l, s = (t[..., None, :] for t in types.unbind(-1))              # (B, Hkv, 1, S)
-    dist = pos_q[:, None] - pos_k[None, :]                             # (T, S)
+    lag = pos_q[:, None] - pos_k[None, :]                              # (T, S): how far back key j lies
     between = globals_q[..., :, None] - globals_k[..., None, :]        # global tokens after j, before i: 0 keeps j
-    return (g + s * (dist < window) + l * (1 - between).clamp(0, 1)) * (dist >= 0)
+    return (g + s * (lag < window) + l * (1 - between).clamp(0, 1)) * (lag >= 0)
 
 
 def masked_attention(q, k, v, m, scale: float) -> torch.Tensor:

@@ -11,6 +11,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dash  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """GPU tests of RWKV-7 last: on a fresh machine fla builds and autotunes its RWKV-7 kernels on first use (no
+    shipped configs; over 5 minutes on an H100), and a time limit should cut those, not the tests after them."""
+    items.sort(key=lambda item: "rwkv7" in item.nodeid and item.get_closest_marker("gpu") is not None)
+
+
 def stdlib_text(n_files: int = 6) -> str:
     """Offline text that exists on every machine: some of Python's own standard library."""
     root = Path(sysconfig.get_paths()["stdlib"])
