@@ -109,6 +109,9 @@ class Config:
     compile: bool | None = flag(None, "torch.compile the decoder layers for the search (default: on with CUDA)")
     fsdp: bool = flag(False, "under torchrun, shard the frozen teacher over the GPUs (FSDP2, gathered a layer at a "
                              "time): for teachers too big for one GPU; candidates and alpha stay replicated")
+    cuda_graph: bool = flag(False, "replay each search step as a CUDA graph, one per set of active operators (two "
+                                   "warm-up steps and a capture each): the CPU launches one graph instead of "
+                                   "thousands of kernels; for few sequences per GPU under torchrun")
     recompute_mlp: bool = flag(False, "recompute each MLP's gate and up projections in the search's backward pass "
                                       "instead of keeping them: less memory, two more matmuls per layer and step")
     kl_chunk: int = flag(1024, "tokens per chunk of the KL: full-vocabulary fp32 logits exist for one chunk only")
@@ -1922,6 +1925,36 @@ def kl_and_grad(model, ids: torch.Tensor, w: torch.Tensor, active: list, cfg: Co
     return kl, dkl_dw
 
 
+def graphed(step_fn):
+    """--cuda-graph: step_fn (kl_and_grad) captured once as a CUDA graph and then replayed with each step's tokens
+    and probabilities copied into its inputs. The CPU launches one graph instead of the step's thousands of kernels,
+    which bound the step when each GPU has few sequences (4 GPUs, batch 4: one each). A graph holds one set of
+    active operators and one batch shape: a new set costs two warm-up steps (kernels built and tuned, layers
+    compiled, on a side stream as capture wants) and a capture, and the previous graph and its memory go."""
+    saved = {}
+
+    def run(model, ids, w, active, cfg, terms):
+        key = (tuple(map(tuple, active)), tuple(ids.shape))
+        if saved.get("key") != key:
+            saved.clear()
+            ids_in, w_in = ids.clone(), w.detach().clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    step_fn(model, ids_in, w_in, active, cfg, terms)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step_fn(model, ids_in, w_in, active, cfg, terms)
+            saved.update(key=key, graph=graph, ids=ids_in, w=w_in, out=out)
+        saved["ids"].copy_(ids)
+        saved["w"].copy_(w.detach())
+        saved["graph"].replay()
+        return tuple(t.clone() for t in saved["out"])
+    return run
+
+
 def masked_softmax(alpha: torch.Tensor, alive: torch.Tensor, tau: float) -> torch.Tensor:
     """softmax(alpha_l / tau) over the operators still in layer l's search; 0 (and no gradient) for the others."""
     return F.softmax((alpha / tau).masked_fill(~alive, -math.inf), dim=-1)
@@ -1958,6 +1991,7 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: 
     alive_host = alive.tolist()
     t0 = time.time() - elapsed
     kl_fn = torch.compile(kl_terms, dynamic=False) if cfg.compile else kl_terms
+    step_fn = graphed(kl_and_grad) if cfg.cuda_graph else kl_and_grad
     bar = tqdm(range(start, steps), desc="search", unit="step", initial=start, total=steps, disable=not is_main())
     for step in bar:
         ids = share(batches[step]).to(device)  # this rank's rows of the step's batch
@@ -1967,7 +2001,7 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: 
         if keep != alive_host:  # some operators fell below the threshold: prune them, renormalise the rest
             alive_host, alive = keep, torch.tensor(keep, device=device)
             w = masked_softmax(alpha, alive, tau)
-        kl, dkl_dw = all_reduce_mean(*kl_and_grad(model, ids, w, alive_host, cfg, kl_fn))  # the whole batch's
+        kl, dkl_dw = all_reduce_mean(*step_fn(model, ids, w, alive_host, cfg, kl_fn))  # the whole batch's
         terms = regularizers(w, names, cfg, costs, step / max(1, steps - 1))
         loss = kl + sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
@@ -2249,7 +2283,7 @@ def run_key(cfg: Config, data: dict, cache: str) -> str:
     its candidates."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "log_every", "check_samples", "out",
                                                                    "checkpoint_every", "polish", "compile", "fsdp",
-                                                                   "recompute_mlp")}
+                                                                   "recompute_mlp", "cuda_graph")}
     blob = json.dumps([settings, data["record"], Path(cache).name], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -2257,6 +2291,11 @@ def run_key(cfg: Config, data: dict, cache: str) -> str:
 def run(cfg: Config) -> dict:
     names = candidate_names(cfg.candidates)
     device, dtype = devices(cfg)
+    if cfg.cuda_graph and cfg.fsdp:
+        raise DashError("--cuda-graph with --fsdp: FSDP gathers the teacher's weights from Python hooks in every "
+                        "step, which a graph cannot replay; use one of the two")
+    if cfg.cuda_graph and not device.startswith("cuda"):
+        raise DashError("--cuda-graph: CUDA graphs need a CUDA GPU; drop --cuda-graph on a CPU")
     device = init_distributed(device)
     torch.manual_seed(cfg.seed)
     # --fsdp: the whole teacher may not fit one GPU: load it on the CPU, then each rank moves its shard over

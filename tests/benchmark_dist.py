@@ -5,6 +5,7 @@ random weights: data parallel over N GPUs, or the teacher sharded with FSDP2 (--
     torchrun --nproc-per-node 4 tests/benchmark_dist.py --shape qwen2.5-32b --fsdp --out bench-32b-fsdp4.json
     torchrun --nproc-per-node 2 tests/benchmark_dist.py --shape qwen2.5-3b --out bench-3b-dp2.json
     python tests/benchmark_dist.py --shape qwen2.5-3b --recompute-mlp off,on --out bench-3b-recompute.json
+    torchrun --nproc-per-node 4 tests/benchmark_dist.py --shape qwen2.5-3b --cuda-graph off,on --out bench-3b-dp4.json
 
 Times dash.search() itself on random token batches of the global size (--batch-size, split over the ranks by the
 search), every operator active (lr 0: the state timed does not change mid-run), as tests/benchmark.py does for one
@@ -69,6 +70,7 @@ def main():
     ap.add_argument("--grad", default="exact", help="dash.py --grad")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="dash.py --compile")
     ap.add_argument("--recompute-mlp", default="off", help="off, on, or off,on to time both (dash.py --recompute-mlp)")
+    ap.add_argument("--cuda-graph", default="off", help="off, on, or off,on to time both (dash.py --cuda-graph)")
     ap.add_argument("--out", default="bench_dist.json")
     args = ap.parse_args()
     device = dash.init_distributed("cuda")
@@ -87,8 +89,9 @@ def main():
                batch=B, per_rank_batch=B // dash.world(), seq_len=T, candidates=names, grad=args.grad,
                compile=args.compile, torch=torch.__version__,
                parameters=sum(p.numel() for p in model.parameters()), runs={})
-    for recompute in args.recompute_mlp.split(","):
-        cfg.recompute_mlp = recompute == "on"
+    variants = [(r, g) for r in args.recompute_mlp.split(",") for g in args.cuda_graph.split(",")]
+    for recompute, graph in variants:
+        cfg.recompute_mlp, cfg.cuda_graph = recompute == "on", graph == "on"
         dash.recompute_mlp(model, on=cfg.recompute_mlp)
         torch._dynamo.reset()  # new graphs for the MLP's new forward (compiled during the warm-up steps)
         torch.cuda.reset_peak_memory_stats()
@@ -102,12 +105,13 @@ def main():
             dist.all_gather_object(peaks, mine)
         else:
             peaks = [mine]
-        r = res["runs"][f"recompute_mlp {recompute}"] = dict(
+        name = f"recompute_mlp {recompute}" + (f", cuda_graph {graph}" if args.cuda_graph != "off" else "")
+        r = res["runs"][name] = dict(
             tok_s=(len(times) - 1 - skip) * B * T / (times[-1] - times[skip]), first_step_s=times[0],
             peak_gib_per_gpu=[round(p["peak_gib"], 2) for p in peaks],
             reserved_gib_per_gpu=[round(p["reserved_gib"], 2) for p in peaks])
         r["minutes_for_12.3M"] = 12.3e6 / r["tok_s"] / 60
-        print(recompute, r, flush=True)
+        print(name, r, flush=True)
         if dash.is_main():
             Path(args.out).write_text(json.dumps(res, indent=1))  # as it goes
     rows = [(f"{res['gpus']} x {res['gpu']}" + (" FSDP" if args.fsdp else ""), f"{args.shape}, batch {B} x {T}")]

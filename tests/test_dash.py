@@ -376,6 +376,8 @@ def test_bad_inputs_get_one_clear_message(tiny_dir, text_file, tmp_path, capsys)
     fails(["--k", "0"], "out of range")
     fails(["--batch-size", "4", "--micro-batch", "3"], "--micro-batch 3 must divide --batch-size 4")
     fails(["--kernels", "fla"], "fla's Triton kernels need a CUDA GPU")
+    fails(["--cuda-graph"], "--cuda-graph: CUDA graphs need a CUDA GPU")
+    fails(["--cuda-graph", "--fsdp"], "--cuda-graph with --fsdp")
     fails(["--no-prepare", "--cache", str(tmp_path / "none.safetensors"), "--tokens", "512", "--prep-tokens", "256",
            "--seq-len", "64", "--batch-size", "2"], "no candidate weights at")
     fails(["--data", str(tmp_path / "nope.txt")], "no such file")

@@ -193,6 +193,32 @@ def test_compiled_layers_match_eager_on_the_fla_path():
     assert rms_err(results[0][1], results[1][1]) > 1e-3  # exact and teacher gradients differ: both were checked
 
 
+def test_cuda_graph_step_matches_the_launched_step():
+    """--cuda-graph: the step captured once and replayed gives the KL and dKL/dw of the step launched kernel by
+    kernel, on new tokens and probabilities (replay), and again after the active set changes (a new capture)."""
+    model = qwen3b(layers=2)
+    names = ["full", "swa", "gla", "gdn"]
+    cfg = dash.Config(window=512, kernels="fla")
+    dash.install(model, dash.make_ops(model, names, cfg))
+    dash.compile_layers(model, on=True)
+    terms = torch.compile(dash.kl_terms, dynamic=False)
+    step = dash.graphed(dash.kl_and_grad)
+    gen = torch.Generator().manual_seed(0)
+    for collapse in (False, False, True):  # the first capture, a replay, then swa leaves: a second capture
+        ids = torch.randint(0, 151936, (1, 2048), generator=gen).cuda()
+        alpha = torch.randn(2, 4, generator=gen)
+        if collapse:
+            alpha[:, 1] = -30
+        w = alpha.softmax(-1).cuda()
+        active = (w > 1e-3).tolist()
+        kl, g = dash.kl_and_grad(model, ids, w, active, cfg, terms)
+        kl_g, g_g = step(model, ids, w, active, cfg, terms)
+        assert rms_err(kl_g, kl) < 1e-2 and rms_err(g_g, g) < TOL["grad"], (collapse, rms_err(kl_g, kl),
+                                                                          rms_err(g_g, g))
+    dash.compile_layers(model, on=False)
+    dash.restore_teacher(model)
+
+
 def test_rwkv7_and_nats_prepare_search_and_generate_on_the_3b_shape(tmp_path):
     """The new operators through the whole pipeline at the 3B model's width (4 layers, bf16, fla): preparation with
     NAtS' explicit mask and sparsity term, a search step, export, and a hybrid with both that passes the check of
