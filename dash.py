@@ -952,7 +952,7 @@ class NAtS(Operator):
         valid = valid_tokens(p)
         if first:  # the first token after any left padding: (B or 1, T)
             start = (torch.arange(T, device=scores.device) == 0)[None] if valid is None else valid.cumsum(1) == 1
-            types = torch.where(start[:, None, :, None], F.one_hot(torch.tensor(GLOBAL), 3).to(types), types)
+            types = torch.where(start[:, None, :, None], (torch.arange(3, device=types.device) == GLOBAL).to(types), types)
         return types if valid is None else types * valid[:, None, :, None]
 
     def mask(self, p: LayerInput, slot: NAtSSlot | None = None):
@@ -1102,7 +1102,9 @@ class MixedAttention(nn.Module):
         if self.straight_through():
             y_full = ys[names.index("full")]
             ys = [y_i if n == "full" else y_i + (y_full - y_full.detach()) for n, y_i in zip(names, ys)]
-        return WeightedSum.apply(self.probs[[i for i, on in enumerate(self.active) if on]], *ys)
+        # the active weights by stack, not by a list index: indexing with a Python list copies it to the GPU, a
+        # host sync that CUDA-graph capture (--cuda-graph) refuses
+        return WeightedSum.apply(torch.stack([self.probs[i] for i, on in enumerate(self.active) if on]), *ys)
 
 
 class HybridAttention(nn.Module):
@@ -1240,7 +1242,8 @@ def recompute_mlp(model, on: bool = True):
             mlp.__dict__.pop("forward", None)
         elif all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):  # Qwen2's and Llama's
             def forward(x, mlp=mlp):
-                gated = checkpoint(lambda x: mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), x, use_reentrant=False)
+                gated = checkpoint(lambda x: mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), x, use_reentrant=False,
+                                   preserve_rng_state=False)  # no randomness to replay (and RNG state breaks capture)
                 return mlp.down_proj(gated)
             mlp.forward = forward
         else:  # another MLP: recompute all of it
@@ -1574,16 +1577,17 @@ def align(model, names: list[str], cfg: Config, data: dict, path: Path, fp: dict
     params = [p for layer in ops for op in layer.values() for p in op.parameters()]
     train, held_out = data["prep"], data["held_out"].to(device)
     steps = len(train)
+    split = world() > 1 and not cfg.fsdp  # layer-split alignment (see gather_layers); --fsdp: data parallel
+    how = ("" if world() == 1 else f" ({world()} processes, each aligning 1/{world()} of the layers)" if split
+           else f" ({world()} processes of {cfg.batch_size // world()} sequences)")
     print(f"aligning {', '.join(names)} in {len(ops)} layers: {sum(p.numel() for p in params):,} new parameters, "
-          f"{steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens"
-          + (f" ({world()} processes of {cfg.batch_size // world()} sequences)" if world() > 1 else "")
-          + "; teacher and its projections frozen")
+          f"{steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens{how}; teacher and its projections frozen")
     optimizer = torch.optim.AdamW(params, lr=cfg.prep_lr, weight_decay=0.0) if params else None
     warm = max(1, steps // 20)  # 5% warm-up, then cosine decay
     sched = optimizer and torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1, s / steps))))
     partial, start, t0 = path.with_suffix(".partial.pt"), 0, time.time()
-    ck = torch.load(partial, map_location=device) if partial.exists() else None
+    ck = torch.load(partial, map_location=device) if from_main(partial.exists()) else None  # all ranks alike
     if ck and ck["fingerprint"] == fp:  # resume an interrupted run: same data order, so skip what was done
         load_candidates(ops, ck["state"], str(partial))
         optimizer.load_state_dict(ck["optimizer"])
@@ -1594,7 +1598,6 @@ def align(model, names: list[str], cfg: Config, data: dict, path: Path, fp: dict
         calibrate(model, ops, train[0].to(device))
         before = alignment_loss(model, ops, held_out)
     attns, curve, step_times = teacher_attention(model), [], []
-    split = world() > 1 and not cfg.fsdp  # layer-split alignment (see gather_layers); --fsdp: data parallel
     for step in tqdm(range(start, steps), desc="align", unit="step", initial=start, total=steps, disable=not is_main()):
         seen = capture(model, share(train[step]).to(device))
         if split:  # the layers this rank aligns, on the whole batch (None for the other ranks' layers)

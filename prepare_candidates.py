@@ -53,7 +53,7 @@ def main(argv=None):
         cfg = search_config(dash.parse_args(argv, PrepConfig, "Prepare teacher-aligned candidates for DASH"))
         names = [n for n in dash.candidate_names(cfg.candidates) if n != "full"]
         device, dtype = dash.devices(cfg)
-        device = dash.init_distributed(device)  # under torchrun: each rank aligns on its share of every batch
+        device = dash.init_distributed(device)  # under torchrun: the layers split over the ranks (dash.align)
         model, tokenizer = dash.load_model(cfg.model, "cpu" if cfg.fsdp else device, dtype)
         cfg = dash.resolve(cfg, len(model.model.layers))
         if cfg.fsdp:

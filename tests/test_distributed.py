@@ -120,12 +120,12 @@ def test_two_processes_prepare_as_one(one_and_two):
     assert c1.keys() == c2.keys()
     moved = [k for k in c1 if k.endswith("q_map") and (c1[k] - torch.eye(c1[k].shape[-1])).abs().max() > 1e-3]
     assert moved  # the alignment trained the candidates
-    # layer-split alignment: each rank aligns its layers on the whole batch, as one process does (bit-identical here;
-    # the teacher's pass on half the batch may round differently elsewhere)
+    # layer-split alignment: each rank aligns its layers on the whole batch, as one process does (bit-identical on the
+    # 2-core machine; the teacher's pass on half the batch may round differently on other CPUs)
     for k in c1:
-        assert torch.allclose(c1[k], c2[k], rtol=1e-6, atol=1e-7), k
+        assert torch.allclose(c1[k], c2[k], rtol=1e-5, atol=1e-6), k
     r1, r2 = (json.loads((d / "cands.json").read_text()) for d in (one, two))
-    assert r1["curve"] == pytest.approx(r2["curve"], rel=1e-6)
+    assert r1["curve"] == pytest.approx(r2["curve"], rel=1e-5)
     assert (r1["world_size"], r1["per_rank_batch"], r2["world_size"], r2["per_rank_batch"]) == (1, 4, 2, 2)
     assert (r1["layer_split"], r2["layer_split"]) == (False, True)
 
@@ -170,7 +170,7 @@ def test_an_interrupted_layer_split_alignment_resumes_in_one_process(one_and_two
     assert torch.load(tmp_path / "c.partial.pt")["step"] == 2 and not (tmp_path / "c.safetensors").exists()
     prepare_candidates.main(args)
     c1, c2 = load_file(str(one / "cands.safetensors")), load_file(str(tmp_path / "c.safetensors"))
-    assert c1.keys() == c2.keys() and all(torch.allclose(c1[k], c2[k], rtol=1e-6, atol=1e-7) for k in c1)
+    assert c1.keys() == c2.keys() and all(torch.allclose(c1[k], c2[k], rtol=1e-5, atol=1e-6) for k in c1)
 
 
 def test_a_failure_on_one_rank_ends_the_run(one_and_two, tiny_dir, text_file, tmp_path):

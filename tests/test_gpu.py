@@ -193,20 +193,24 @@ def test_compiled_layers_match_eager_on_the_fla_path():
     assert rms_err(results[0][1], results[1][1]) > 1e-3  # exact and teacher gradients differ: both were checked
 
 
-def test_cuda_graph_step_matches_the_launched_step():
+@pytest.mark.parametrize("names,compiled,micro,recompute", [
+    (["full", "swa", "gla", "gdn"], True, None, False),  # the default search
+    (["full", "swa", "nats"], False, 1, True),           # eager, NAtS' masks, micro-batches, --recompute-mlp
+])
+def test_cuda_graph_step_matches_the_launched_step(names, compiled, micro, recompute):
     """--cuda-graph: the step captured once and replayed gives the KL and dKL/dw of the step launched kernel by
     kernel, on new tokens and probabilities (replay), and again after the active set changes (a new capture)."""
     model = qwen3b(layers=2)
-    names = ["full", "swa", "gla", "gdn"]
-    cfg = dash.Config(window=512, kernels="fla")
+    cfg = dash.Config(window=512, kernels="fla", micro_batch=micro)
     dash.install(model, dash.make_ops(model, names, cfg))
-    dash.compile_layers(model, on=True)
-    terms = torch.compile(dash.kl_terms, dynamic=False)
+    dash.compile_layers(model, on=compiled)
+    dash.recompute_mlp(model, on=recompute)
+    terms = torch.compile(dash.kl_terms, dynamic=False) if compiled else dash.kl_terms
     step = dash.graphed(dash.kl_and_grad)
     gen = torch.Generator().manual_seed(0)
     for collapse in (False, False, True):  # the first capture, a replay, then swa leaves: a second capture
-        ids = torch.randint(0, 151936, (1, 2048), generator=gen).cuda()
-        alpha = torch.randn(2, 4, generator=gen)
+        ids = torch.randint(0, 151936, (2, 2048), generator=gen).cuda()
+        alpha = torch.randn(2, len(names), generator=gen)
         if collapse:
             alpha[:, 1] = -30
         w = alpha.softmax(-1).cuda()
@@ -215,6 +219,7 @@ def test_cuda_graph_step_matches_the_launched_step():
         kl_g, g_g = step(model, ids, w, active, cfg, terms)
         assert rms_err(kl_g, kl) < 1e-2 and rms_err(g_g, g) < TOL["grad"], (collapse, rms_err(kl_g, kl),
                                                                           rms_err(g_g, g))
+    dash.recompute_mlp(model, on=False)
     dash.compile_layers(model, on=False)
     dash.restore_teacher(model)
 
