@@ -952,7 +952,8 @@ class NAtS(Operator):
         valid = valid_tokens(p)
         if first:  # the first token after any left padding: (B or 1, T)
             start = (torch.arange(T, device=scores.device) == 0)[None] if valid is None else valid.cumsum(1) == 1
-            types = torch.where(start[:, None, :, None], (torch.arange(3, device=types.device) == GLOBAL).to(types), types)
+            one_hot = torch.arange(3, device=types.device) == GLOBAL  # GLOBAL's one-hot, made on the device
+            types = torch.where(start[:, None, :, None], one_hot.to(types), types)
         return types if valid is None else types * valid[:, None, :, None]
 
     def mask(self, p: LayerInput, slot: NAtSSlot | None = None):
