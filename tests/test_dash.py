@@ -531,3 +531,13 @@ def test_recompute_mlp_keeps_less_and_gives_the_same_gradient(tiny, text_file, t
     assert n2 == n0 and torch.equal(g2, g0)  # off again: as before
     assert all(p.grad is None for p in model.parameters())
     assert [n for n, _ in dash.teacher_parameters(model)] == names_before
+
+
+@pytest.mark.parametrize("script", ["dash", "prepare_candidates", "finetune", "eval_ruler"])
+def test_every_cli_prints_its_help(script, capsys):
+    """argparse %-formats help text: a bare '%' in a flag's help ('5% warm-up') made --help a traceback."""
+    import importlib
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(script).main(["--help"])
+    assert stop.value.code == 0
+    assert "--" in capsys.readouterr().out
