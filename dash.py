@@ -1959,6 +1959,9 @@ def graphed(step_fn):
     return run
 
 
+NONFINITE_LIMIT = 10  # steps in a row with a non-finite KL gradient before the search gives up
+
+
 def masked_softmax(alpha: torch.Tensor, alive: torch.Tensor, tau: float) -> torch.Tensor:
     """softmax(alpha_l / tau) over the operators still in layer l's search; 0 (and no gradient) for the others."""
     return F.softmax((alpha / tau).masked_fill(~alive, -math.inf), dim=-1)
@@ -1970,7 +1973,9 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: 
     Pruning: once an operator's probability in a layer falls below --skip-below, it leaves that layer's search for
     good (P-DARTS' search-space approximation): it stops running, its probability is exactly 0 and its logit never
     changes again. So every operator that runs gets its exact gradient; a skipped one would otherwise get a made-up
-    dKL/dw = 0 that Adam turns into full-size steps. alpha0: the logits to start from (default zeros: uniform).
+    dKL/dw = 0 that Adam turns into full-size steps. A step whose KL gradient is not finite (a kernel's overflow) is
+    skipped and recorded; NONFINITE_LIMIT of them in a row end the search with an error.
+    alpha0: the logits to start from (default zeros: uniform).
     checkpoint: where to save the state every --checkpoint-every steps (and resume from, with --resume)."""
     L, steps = len(model.model.layers), len(batches)
     device = next(model.parameters()).device
@@ -1981,7 +1986,7 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: 
     print(f"trainable: alpha {tuple(alpha.shape)} = {alpha.numel()} logits; frozen: {frozen:,} weights")
     costs = torch.tensor([[layer.self_attn.ops[n].cost(cfg.cost_len) for n in names] for layer in model.model.layers],
                          device=device)  # (L, n_ops): an operator's cost may depend on its layer (NAtS)
-    history, start, elapsed = [], 0, 0.0
+    history, start, elapsed, bad_run = [], 0, 0.0, 0
     if checkpoint is not None and cfg.resume:
         ck = torch.load(checkpoint, map_location=device)
         if ck["run_key"] != run_key:
@@ -2008,17 +2013,30 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: 
         kl, dkl_dw = all_reduce_mean(*step_fn(model, ids, w, alive_host, cfg, kl_fn))  # the whole batch's
         terms = regularizers(w, names, cfg, costs, step / max(1, steps - 1))
         loss = kl + sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        (loss + (dkl_dw * w).sum()).backward()  # the KL's gradient enters through w; autograd does the softmax
-        before = alpha.detach().clone()
-        optimizer.step()
+        finite = bool(torch.isfinite(dkl_dw).all() & torch.isfinite(kl))  # a host sync, as .tolist() below
+        if finite:
+            bad_run = 0
+            optimizer.zero_grad(set_to_none=True)
+            (loss + (dkl_dw * w).sum()).backward()  # the KL's gradient enters through w; autograd does the softmax
+            before = alpha.detach().clone()
+            optimizer.step()
+            with torch.no_grad():  # a pruned logit gets no update (Adam's momentum would move it)
+                alpha.copy_(torch.where(alive, alpha, before))
+        else:  # an overflow in some kernel: skip the step, as AMP's GradScaler does, rather than poison alpha
+            bad_run += 1
+            layers = (~torch.isfinite(dkl_dw)).any(-1).nonzero().flatten().tolist()
+            tqdm.write(f"step {step + 1}: the KL ({kl.item():.4g}) or its gradient is not finite (layers {layers}; "
+                       f"it flows backwards, so the highest is where it started): step skipped")
+            if bad_run == NONFINITE_LIMIT:
+                raise DashError(f"the KL or its gradient was not finite for {bad_run} steps in a row (the last, step "
+                                f"{step + 1}: layers {layers}): an operator overflows on this model. Find which with "
+                                f"--dtype float32 or --kernels torch, or leave it out with --candidates")
         with torch.no_grad():
-            alpha.copy_(torch.where(alive, alpha, before))  # a pruned logit gets no update (Adam's momentum would)
             w = masked_softmax(alpha, alive, tau)
             values = torch.cat([torch.stack([loss, kl, w[:, names.index("full")].sum()]), w.flatten()]).tolist()
         rec = dict(step=step, **dict(zip(("loss", "kl", "full"), values[:3])), tau=tau, time=time.time() - t0,
                    probs=[[round(p, 4) for p in values[3 + l * len(names):3 + (l + 1) * len(names)]]
-                          for l in range(L)])
+                          for l in range(L)], **({} if finite else dict(skipped=True)))
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", full=f"{rec['full']:.2f}", tau=f"{tau:.2f}")
         if (step + 1) % cfg.log_every == 0 or step == steps - 1:
@@ -2032,7 +2050,7 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: 
     check_replicated(alpha, "alpha")
     w = masked_softmax(alpha.detach(), alive, tau_at(steps - 1, steps, cfg)).cpu()
     return dict(alpha=alpha.detach().cpu(), probs=w, alive=alive.cpu(), history=history,
-                wall_time_s=time.time() - t0)
+                skipped_steps=[r["step"] for r in history if r.get("skipped")], wall_time_s=time.time() - t0)
 
 # ----------------------------------------------------------------------------- export and polish
 
@@ -2121,7 +2139,8 @@ def export(result: dict, names: list[str], cfg: Config, cache: str, data: dict, 
                 polished=polished, probabilities=[[round(float(p), 5) for p in row] for row in result["probs"]],
                 alpha=[[round(float(a), 5) for a in row] for row in result["alpha"]],
                 pruned=[[n for n, on in zip(names, row) if not on] for row in result["alive"].tolist()],
-                tokens=int(data["search"].numel()), wall_time_s=round(result["wall_time_s"], 1), seed=cfg.seed,
+                tokens=int(data["search"].numel()), skipped_steps=result["skipped_steps"],
+                wall_time_s=round(result["wall_time_s"], 1), seed=cfg.seed,
                 distributed=dict(world_size=world(), per_rank_batch=cfg.batch_size // world(), fsdp=cfg.fsdp,
                                  backend=dist.get_backend() if dist.is_initialized() else None),
                 data=data["record"], candidate_cache=cache, config=asdict(cfg),

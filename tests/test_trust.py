@@ -63,6 +63,44 @@ def test_a_pruned_operator_leaves_the_search_for_good(tiny, tiny_dir, text_file,
     assert torch.allclose(result["probs"].sum(-1), torch.ones(4))
 
 
+def test_a_step_with_a_non_finite_gradient_is_skipped_and_recorded(tiny, tiny_dir, text_file, monkeypatch):
+    """An overflow in some operator's kernel (seen on the GPU: a NaN gradient at one step of a 3B search) must not
+    reach alpha: that step leaves alpha and Adam alone and is recorded; the search goes on."""
+    model, tok = tiny
+    cfg = dash.resolve(tiny_cfg(tiny_dir, text_file, lr=0.5), 4)
+    mixed(model, cfg)
+    batches = dash.load_data(tok, cfg, parts=("search",))["search"]
+    real, calls, updates = dash.kl_and_grad, [], []
+
+    def poisoned(m, ids, w, active, c, t):
+        kl, g = real(m, ids, w, active, c, t)
+        calls.append(1)
+        if len(calls) == 2:
+            g = g.clone()
+            g[2, 1] = float("nan")  # swa in layer 2
+        return kl, g
+    monkeypatch.setattr(dash, "kl_and_grad", poisoned)
+    real_step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: updates.append(1) or real_step(self, *a, **k))
+    result = dash.search(model, batches, NAMES, cfg)
+    assert len(calls) == len(batches) >= 3 and len(updates) == len(batches) - 1
+    assert result["skipped_steps"] == [1] and result["history"][1]["skipped"]
+    assert torch.isfinite(result["alpha"]).all() and (result["alpha"] != 0).any()
+
+
+def test_a_gradient_that_stays_non_finite_ends_the_search_with_one_clear_error(tiny, tiny_dir, text_file,
+                                                                             monkeypatch):
+    model, tok = tiny
+    cfg = dash.resolve(tiny_cfg(tiny_dir, text_file), 4)
+    mixed(model, cfg)
+    batches = dash.load_data(tok, cfg, parts=("search",))["search"]
+    real = dash.kl_and_grad
+    monkeypatch.setattr(dash, "NONFINITE_LIMIT", 2)
+    monkeypatch.setattr(dash, "kl_and_grad", lambda *a: (real(*a)[0], torch.full((4, 4), float("inf"))))
+    with pytest.raises(dash.DashError, match=r"not finite for 2 steps in a row \(the last, step 2: layers \[0, 1, 2"):
+        dash.search(model, batches, NAMES, cfg)
+
+
 def test_skipped_probabilities_are_exact_zeros_and_the_rest_renormalise():
     alpha = torch.tensor([[0.0, 1.0, 2.0]])
     alive = torch.tensor([[True, False, True]])
