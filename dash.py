@@ -2025,8 +2025,8 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: 
         else:  # an overflow in some kernel: skip the step, as AMP's GradScaler does, rather than poison alpha
             bad_run += 1
             layers = (~torch.isfinite(dkl_dw)).any(-1).nonzero().flatten().tolist()
-            tqdm.write(f"step {step + 1}: the KL ({kl.item():.4g}) or its gradient is not finite (layers {layers}; "
-                       f"it flows backwards, so the highest is where it started): step skipped")
+            tqdm.write(f"step {step + 1}: the KL ({kl.item():.4g}) or its gradient is not finite in layers {layers} "
+                       f"(it flows down the layers: it started above the highest of them): step skipped")
             if bad_run == NONFINITE_LIMIT:
                 raise DashError(f"the KL or its gradient was not finite for {bad_run} steps in a row (the last, step "
                                 f"{step + 1}: layers {layers}): an operator overflows on this model. Find which with "
