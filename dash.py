@@ -2027,6 +2027,10 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: 
             layers = (~torch.isfinite(dkl_dw)).any(-1).nonzero().flatten().tolist()
             tqdm.write(f"step {step + 1}: the KL ({kl.item():.4g}) or its gradient is not finite in layers {layers} "
                        f"(it flows down the layers: it started above the highest of them): step skipped")
+            if checkpoint is not None and is_main() and bad_run == 1:  # what it takes to replay the step
+                save_atomic(dict(run_key=run_key, config=asdict(cfg), step=step, ids=batches[step], tau=tau,
+                                 alpha=alpha.detach().cpu(), alive=alive.cpu()),
+                            checkpoint.with_name(f"nonfinite-step-{step + 1}.pt"))  # tests/replay_step.py replays it
             if bad_run == NONFINITE_LIMIT:
                 raise DashError(f"the KL or its gradient was not finite for {bad_run} steps in a row (the last, step "
                                 f"{step + 1}: layers {layers}): an operator overflows on this model. Find which with "

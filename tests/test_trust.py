@@ -63,9 +63,11 @@ def test_a_pruned_operator_leaves_the_search_for_good(tiny, tiny_dir, text_file,
     assert torch.allclose(result["probs"].sum(-1), torch.ones(4))
 
 
-def test_a_step_with_a_non_finite_gradient_is_skipped_and_recorded(tiny, tiny_dir, text_file, monkeypatch):
+def test_a_step_with_a_non_finite_gradient_is_skipped_and_recorded(tiny, tiny_dir, text_file, tmp_path,
+                                                                   monkeypatch):
     """An overflow in some operator's kernel (seen on the GPU: a NaN gradient at one step of a 3B search) must not
-    reach alpha: that step leaves alpha and Adam alone and is recorded; the search goes on."""
+    reach alpha: that step leaves alpha and Adam alone and is recorded, with what it takes to replay it; the search
+    goes on."""
     model, tok = tiny
     cfg = dash.resolve(tiny_cfg(tiny_dir, text_file, lr=0.5), 4)
     mixed(model, cfg)
@@ -82,10 +84,14 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_and_recorded(tiny, tiny_di
     monkeypatch.setattr(dash, "kl_and_grad", poisoned)
     real_step = torch.optim.Adam.step
     monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: updates.append(1) or real_step(self, *a, **k))
-    result = dash.search(model, batches, NAMES, cfg)
+    result = dash.search(model, batches, NAMES, cfg, checkpoint=tmp_path / "search.ckpt.pt", run_key="k")
     assert len(calls) == len(batches) >= 3 and len(updates) == len(batches) - 1
     assert result["skipped_steps"] == [1] and result["history"][1]["skipped"]
     assert torch.isfinite(result["alpha"]).all() and (result["alpha"] != 0).any()
+    replay = torch.load(tmp_path / "nonfinite-step-2.pt")
+    assert replay["step"] == 1 and replay["run_key"] == "k" and torch.equal(replay["ids"], batches[1])
+    assert replay["alive"].shape == replay["alpha"].shape == (4, 4)
+    assert replay["tau"] == dash.tau_at(1, len(batches), cfg)
 
 
 def test_a_gradient_that_stays_non_finite_ends_the_search_with_one_clear_error(tiny, tiny_dir, text_file,
