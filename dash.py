@@ -2295,14 +2295,14 @@ def parse_args(argv=None, cls=Config, description="DASH: differentiable search f
     """The CLI is the config dataclass: one flag per field, its help from the field."""
     ap = argparse.ArgumentParser(description=description)
     for f in fields(cls):
-        help = f.metadata["help"].replace("%", "%%")  # argparse %-formats help text ("5% warm-up")
+        text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help text ("5% warm-up")
         kind = next((t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None)))
         if kind is bool:
             ap.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
-                            default=f.default, help=help)
+                            default=f.default, help=text)
         else:
             ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
-                            metavar=kind.__name__.upper(), help=help)
+                            metavar=kind.__name__.upper(), help=text)
     return cls(**vars(ap.parse_args(argv)))
 
 
