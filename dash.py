@@ -1962,6 +1962,20 @@ def graphed(step_fn):
 NONFINITE_LIMIT = 10  # steps in a row with a non-finite KL gradient before the search gives up
 
 
+def skip_step(step: int, kl: torch.Tensor, dkl_dw: torch.Tensor, run: int, replay: dict, checkpoint: Path | None):
+    """A search step whose KL or dKL/dw (L, n_ops) is not finite: say in which layers, save what replays it beside
+    the checkpoint (tests/replay_step.py; the first of a run of them), give up after NONFINITE_LIMIT in a row."""
+    layers = (~torch.isfinite(dkl_dw)).any(-1).nonzero().flatten().tolist()
+    tqdm.write(f"step {step + 1}: the KL ({kl.item():.4g}) or its gradient is not finite in layers {layers} "
+               f"(it flows down the layers: it started above the highest of them): step skipped")
+    if checkpoint is not None:
+        save_atomic(replay, checkpoint.with_name(f"nonfinite-step-{step + 1}.pt"))
+    if run == NONFINITE_LIMIT:
+        raise DashError(f"the KL or its gradient was not finite for {run} steps in a row (the last, step {step + 1}: "
+                        f"layers {layers}): an operator overflows on this model. Find which with --dtype float32 or "
+                        f"--kernels torch, or leave it out with --candidates")
+
+
 def masked_softmax(alpha: torch.Tensor, alive: torch.Tensor, tau: float) -> torch.Tensor:
     """softmax(alpha_l / tau) over the operators still in layer l's search; 0 (and no gradient) for the others."""
     return F.softmax((alpha / tau).masked_fill(~alive, -math.inf), dim=-1)
@@ -2024,17 +2038,9 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: 
                 alpha.copy_(torch.where(alive, alpha, before))
         else:  # an overflow in some kernel: skip the step, as AMP's GradScaler does, rather than poison alpha
             bad_run += 1
-            layers = (~torch.isfinite(dkl_dw)).any(-1).nonzero().flatten().tolist()
-            tqdm.write(f"step {step + 1}: the KL ({kl.item():.4g}) or its gradient is not finite in layers {layers} "
-                       f"(it flows down the layers: it started above the highest of them): step skipped")
-            if checkpoint is not None and is_main() and bad_run == 1:  # what it takes to replay the step
-                save_atomic(dict(run_key=run_key, config=asdict(cfg), step=step, ids=batches[step], tau=tau,
-                                 alpha=alpha.detach().cpu(), alive=alive.cpu()),
-                            checkpoint.with_name(f"nonfinite-step-{step + 1}.pt"))  # tests/replay_step.py replays it
-            if bad_run == NONFINITE_LIMIT:
-                raise DashError(f"the KL or its gradient was not finite for {bad_run} steps in a row (the last, step "
-                                f"{step + 1}: layers {layers}): an operator overflows on this model. Find which with "
-                                f"--dtype float32 or --kernels torch, or leave it out with --candidates")
+            replay = dict(run_key=run_key, config=asdict(cfg), step=step, ids=batches[step].clone(), tau=tau,
+                          alpha=alpha.detach().cpu(), alive=alive.cpu())  # clone: a view would save every batch
+            skip_step(step, kl, dkl_dw, bad_run, replay, checkpoint if bad_run == 1 and is_main() else None)
         with torch.no_grad():
             w = masked_softmax(alpha, alive, tau)
             values = torch.cat([torch.stack([loss, kl, w[:, names.index("full")].sum()]), w.flatten()]).tolist()

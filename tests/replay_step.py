@@ -65,8 +65,8 @@ def main(argv=None):
     if len(bad) > 8:
         print(f"  ... and {len(bad) - 8} more below")
     if not bad:
-        print("every operator's output and gradient is finite here: the step does not reproduce eager "
-              "(compare with --compile / --cuda-graph, or on the GPU it ran on)")
+        print("every operator's output and gradient is finite here: the step does not reproduce eagerly (the "
+              "search may have run it compiled or as a CUDA graph, or on another device)")
     if args.anomaly:
         with torch.autograd.detect_anomaly(check_nan=True):
             dash.kl_and_grad(model, ids, w, alive.tolist(), cfg)
