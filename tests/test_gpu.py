@@ -167,15 +167,18 @@ def test_search_and_preparation_steps_fit_on_the_3b_shape(model3b, tmp_path):
 
 def test_compiled_layers_match_eager_on_the_fla_path():
     """--compile on CUDA (the default there): fla's kernels run between compiled graphs; the KL and its gradient
-    w.r.t. the operator weights match the eager search step, for both gradients, with one operator skipped. The
-    compiled steps go through in micro-batches of one sequence: that path is checked on the GPU too."""
-    model = qwen3b(layers=2)
+    w.r.t. the operator weights match the eager search step, for both gradients, with each layer's own set of
+    operators left as pruning leaves them (one layer down to full attention alone, as the 3B search's layer 0 at
+    step 310). The compiled steps go through in micro-batches of one sequence, twice (the first call compiles)."""
+    model = qwen3b(layers=4)
     names = ["full", "swa", "gla", "gdn"]
     cfg = dash.Config(window=512, kernels="fla")
     dash.install(model, dash.make_ops(model, names, cfg))
     ids = torch.randint(0, 151936, (2, 2048), device="cuda")
-    alpha = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
-    alpha[:, 1] = -30  # swa collapsed: skipped
+    alpha = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    alpha[0, 1:] = -30  # layer 0: full attention alone
+    alpha[1, 1] = -30   # layer 1: swa skipped
+    alpha[3, 0] = -30   # layer 3: full attention skipped; layer 2 keeps all four
     w = alpha.softmax(-1).cuda()
     active = (w > 1e-3).tolist()
     results = []
@@ -185,7 +188,10 @@ def test_compiled_layers_match_eager_on_the_fla_path():
         for grad in ("exact", "teacher"):
             cfg.grad = grad
             terms = torch.compile(dash.kl_terms, dynamic=False) if compiled else dash.kl_terms
-            results.append(dash.kl_and_grad(model, ids, w, active, cfg, terms))  # as search() runs it
+            for _ in range(2 if compiled else 1):
+                kl, g = dash.kl_and_grad(model, ids, w, active, cfg, terms)  # as search() runs it
+                assert torch.isfinite(kl) and torch.isfinite(g).all(), (compiled, grad, g)
+            results.append((kl, g))
     dash.compile_layers(model, on=False)
     dash.restore_teacher(model)
     for (kl, g), (kl_c, g_c) in zip(results[:2], results[2:]):
