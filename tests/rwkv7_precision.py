@@ -46,9 +46,10 @@ def run(T, kernel, seed_x=0):
     dash.rwkv7 = real
     return y.detach(), x.grad, {n: p.grad for n, p in op.named_parameters()}
 
-for T in (63, 512, 2048):
-    t = time.time()
-    y0, dx0, g0 = run(T, real)
-    y1, dx1, g1 = run(T, rounded)
-    print(f"T={T}: out {rms_err(y1, y0):.2e} dx {rms_err(dx1, dx0):.2e} " +
-          " ".join(f"{n} {rms_err(g1[n], g0[n]):.1e}" for n in g0), f"({time.time() - t:.0f} s)", flush=True)
+if __name__ == "__main__":
+    for T in (63, 512, 2048):
+        t = time.time()
+        y0, dx0, g0 = run(T, real)
+        y1, dx1, g1 = run(T, rounded)
+        print(f"T={T}: out {rms_err(y1, y0):.2e} dx {rms_err(dx1, dx0):.2e} " +
+              " ".join(f"{n} {rms_err(g1[n], g0[n]):.1e}" for n in g0), f"({time.time() - t:.0f} s)", flush=True)
