@@ -171,8 +171,8 @@ def test_search_and_preparation_steps_fit_on_the_3b_shape(model3b, tmp_path):
 def test_compiled_layers_match_eager_on_the_fla_path():
     """--compile on CUDA (the default there): fla's kernels run between compiled graphs; the KL and its gradient
     w.r.t. the operator weights match the eager search step, for both gradients, with each layer's own set of
-    operators left as pruning leaves them (one layer down to full attention alone, as the 3B search's layer 0 at
-    step 310). The compiled steps go through in micro-batches of one sequence, twice (the first call compiles)."""
+    operators left as pruning leaves them (one layer down to full attention alone). The compiled steps go through
+    in micro-batches of one sequence, twice (the first call compiles)."""
     model = qwen3b(layers=4)
     names = ["full", "swa", "gla", "gdn"]
     cfg = dash.Config(window=512, kernels="fla")
