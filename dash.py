@@ -656,6 +656,7 @@ class LinearAttention(Operator):
         self.q_map = nn.Parameter(torch.eye(D).repeat(c.num_attention_heads, 1, 1))   # (H, D, D)
         self.k_map = nn.Parameter(torch.eye(D).repeat(c.num_key_value_heads, 1, 1))   # (Hkv, D, D)
         self.norm = nn.Parameter(torch.ones(D))
+        self.norm_eps = 1e-6
 
     def qkv(self, p: LayerInput):
         q = torch.einsum("bthd,hde->bthe", p.q, self.q_map.to(p.q.dtype))
@@ -678,7 +679,7 @@ class LinearAttention(Operator):
                           kernels=self.kernels)
         if slot is not None:
             slot.write(state, p.x.shape[1])
-        return F.rms_norm(o.to(p.x.dtype), (o.shape[-1],), self.norm.to(p.x.dtype), eps=1e-6)
+        return F.rms_norm(o.to(p.x.dtype), (o.shape[-1],), self.norm.to(p.x.dtype), eps=self.norm_eps)
 
 
 class GLA(LinearAttention):
@@ -819,6 +820,10 @@ class RWKV7(LinearAttention):
             self.rate[-1].bias.zero_()
         self.k_k = nn.Parameter(torch.ones(H, D))
         self.k_a = nn.Parameter(torch.ones(H, D))
+        # RWKV-7's own GroupNorm epsilon (fla/layers/rwkv7.py: head_dim * 1e-5). At the first tokens the state is
+        # nearly empty and o nearly 0; the norm's gradient goes as 1 / rms(o), so with 1e-6 any rounding there
+        # dominated the input gradient (tests/rwkv7_conditioning.py). This floors rms(o) at ~0.036 for D = 128.
+        self.norm_eps = D * 1e-5
 
     def forward(self, p: LayerInput) -> torch.Tensor:
         q, k, v = self.qkv(p)                                                     # (B, T, H, D); k, v 0 at padding
