@@ -73,6 +73,37 @@ def test_fla_path_matches_the_reference(name, T):
 
 
 @pytest.mark.parametrize("name", ["gla", "gdn", "rwkv7"])
+@pytest.mark.parametrize("T", [63, 2048])
+def test_fla_kernel_matches_the_reference_on_the_operators_inputs(name, T, monkeypatch):
+    """The kernel alone, on the very bf16 inputs the operator hands it (captured), against the torch form on the same
+    values in fp32: outputs and the gradient of every input. In the test above the two paths also differ by the
+    rounding of the kernel's inputs, and where an output nearly cancels (a first token: o_0 = (q_0 . k_0) v_0) the
+    per-head norm after it magnifies that rounding whatever the kernel does (tests/rwkv7_conditioning.py). Here
+    nothing but the kernel's own arithmetic separates them."""
+    attn, rope = qwen_attention()
+    x = torch.randn(2, T, attn.config.hidden_size, device="cuda")
+    captured = []
+    def capture(self, p, kernel, *args):  # LinearAttention.run: record the kernel and its inputs instead
+        captured.append((kernel, args))
+        return args[0]
+    monkeypatch.setattr(dash.LinearAttention, "run", capture)
+    run_op(name, attn, rope, x, "fla", torch.bfloat16, frozen=True)
+    kernel, args = captured[0]
+    fast = [a.detach().requires_grad_() for a in args]
+    ref = [a.detach().float().requires_grad_() for a in args]
+    o, _ = kernel(*fast, kernels="fla")
+    o_ref, _ = kernel(*ref, kernels="torch")
+    assert torch.isfinite(o).all()
+    assert rms_err(o, o_ref) < TOL["out"], (name, T, rms_err(o, o_ref))
+    do = torch.randn_like(o_ref)
+    (o.float() * do).sum().backward()
+    (o_ref * do).sum().backward()
+    for i, (a, a_ref) in enumerate(zip(fast, ref)):
+        assert torch.isfinite(a.grad).all(), (name, T, i)
+        assert rms_err(a.grad, a_ref.grad) < TOL["grad"], (name, T, "input", i, rms_err(a.grad, a_ref.grad))
+
+
+@pytest.mark.parametrize("name", ["gla", "gdn", "rwkv7"])
 def test_fla_decoding_kernel_continues_the_state(name):
     """Prefill with the chunk kernel, then one token with the recurrent kernel == the whole sequence at once."""
     attn, rope = qwen_attention()
