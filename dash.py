@@ -820,9 +820,10 @@ class RWKV7(LinearAttention):
             self.rate[-1].bias.zero_()
         self.k_k = nn.Parameter(torch.ones(H, D))
         self.k_a = nn.Parameter(torch.ones(H, D))
-        # RWKV-7's own GroupNorm epsilon (fla/layers/rwkv7.py: head_dim * 1e-5). At the first tokens the state is
-        # nearly empty and o nearly 0; the norm's gradient goes as 1 / rms(o), so with 1e-6 any rounding there
-        # dominated the input gradient (tests/rwkv7_conditioning.py). This floors rms(o) at ~0.036 for D = 128.
+        # RWKV-7's own GroupNorm epsilon (fla/layers/rwkv7.py: head_dim * 1e-5). At a first token the state is
+        # nearly empty and o can be nearly 0: with 1e-6 the norm scales it up to full size, and a rounding that turns
+        # it turns the output wholesale; with this one it fades to 0, at a gain of at most 1/sqrt(eps) (28 for
+        # D = 128). tests/rwkv7_conditioning.py and tests/rwkv7_eps.py measure both sides.
         self.norm_eps = D * 1e-5
 
     def forward(self, p: LayerInput) -> torch.Tensor:
@@ -1042,6 +1043,11 @@ def trainable(op: nn.Module) -> bool:
 # ----------------------------------------------------------------------------- mixed layer
 
 
+def weighted_sum(w: torch.Tensor, ys: list[torch.Tensor]) -> torch.Tensor:
+    """sum_i w_i y_i in fp32, returned in the ys' dtype."""
+    return sum(w_i * y_i.float() for w_i, y_i in zip(w, ys)).to(ys[0].dtype)
+
+
 class WeightedSum(torch.autograd.Function):
     """y = sum_i w_i y_i: operator outputs ys (each (B, T, H, D), the model's dtype), probabilities w (n,), fp32.
     The sum is taken in fp32, and so is the probabilities' gradient dL/dw_i = <dL/dy, y_i>: the softmax's backward takes
@@ -1050,7 +1056,7 @@ class WeightedSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, *ys):
         ctx.save_for_backward(w, *ys)
-        return sum(w_i * y_i.float() for w_i, y_i in zip(w, ys)).to(ys[0].dtype)
+        return weighted_sum(w, ys)
 
     @staticmethod
     def backward(ctx, g):
@@ -1113,7 +1119,7 @@ class MixedAttention(nn.Module):
         w = torch.stack([self.probs[i] for i, on in enumerate(self.active) if on])
         if torch.compiler.is_compiling() and not w.is_cuda:  # torch 2.11 compiles WeightedSum to dL/dw = 0 on the
             # CPU (tests/test_dash.py), not on CUDA (tests/test_gpu.py, where the timings were measured): plain ops
-            return sum(w_i * y_i.float() for w_i, y_i in zip(w, ys)).to(ys[0].dtype)
+            return weighted_sum(w, ys)
         return WeightedSum.apply(w, *ys)
 
 
