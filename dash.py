@@ -2303,10 +2303,19 @@ def use_fla_configs():
     """fla's autotuning results shipped for this GPU (fla_configs/<GPU>/), so that the first step does not spend
     minutes autotuning. fla reads them at import; an explicit FLA_CONFIG_DIR / FLA_CACHE_MODE wins."""
     # this process's GPU under torchrun (asking for GPU 0 would open a context there from every process)
-    gpu = re.sub(r"[^0-9A-Za-z]+", "_", torch.cuda.get_device_name(int(os.environ.get("LOCAL_RANK", 0)))).strip("_")
-    if (HERE / "fla_configs" / gpu).is_dir():
-        os.environ.setdefault("FLA_CONFIG_DIR", str(HERE / "fla_configs" / gpu))
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    gpu = re.sub(r"[^0-9A-Za-z]+", "_", torch.cuda.get_device_name(rank)).strip("_")
+    found = [d for d in (gpu, *FLA_CONFIGS_BY_ARCH.get(torch.cuda.get_device_capability(rank), ()))
+             if (HERE / "fla_configs" / d).is_dir()]
+    if found:
+        os.environ.setdefault("FLA_CONFIG_DIR", str(HERE / "fla_configs" / found[0]))
         os.environ.setdefault("FLA_CACHE_MODE", "fuzzy")  # fuzzy: a config tuned at one length serves all
+
+
+# Configs tuned on one chip serve the others of its architecture: an H200 or GH200 (sm_90, as the H100) runs the same
+# kernels with the same shared memory, so every H100 config is valid there; only their speed ranking may differ. Without
+# them a cold H200 autotuned for 3 minutes in its first preparation step (results/cold-h200x4/).
+FLA_CONFIGS_BY_ARCH = {(9, 0): ("NVIDIA_H100_80GB_HBM3",)}
 
 
 def parse_args(argv=None, cls=Config, description="DASH: differentiable search for hybrid-attention LLMs"):

@@ -1,5 +1,6 @@
 """The search core on tiny random Qwen2 models, CPU: operators, mixed layer, objective, search, export, CLI."""
 import json
+import os
 
 import pytest
 import torch
@@ -543,3 +544,16 @@ def test_every_cli_prints_its_help(script, capsys):
         importlib.import_module(script).main(["--help"])
     assert stop.value.code == 0
     assert "--" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("gpu, cap, expect", [("NVIDIA H100 80GB HBM3", (9, 0), "NVIDIA_H100_80GB_HBM3"),
+                                              ("NVIDIA H200", (9, 0), "NVIDIA_H100_80GB_HBM3"),
+                                              ("NVIDIA A100-SXM4-80GB", (8, 0), None)])
+def test_shipped_fla_configs_serve_every_gpu_of_their_architecture(gpu, cap, expect, monkeypatch):
+    monkeypatch.delenv("FLA_CONFIG_DIR", raising=False)
+    monkeypatch.delenv("FLA_CACHE_MODE", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: cap)
+    dash.use_fla_configs()
+    assert os.environ.get("FLA_CONFIG_DIR") == (expect and str(dash.HERE / "fla_configs" / expect))
+    assert os.environ.get("FLA_CACHE_MODE") == (expect and "fuzzy")
