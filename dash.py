@@ -2299,6 +2299,12 @@ def devices(cfg: Config) -> tuple[str, torch.dtype]:
     return device, dtypes[cfg.dtype]
 
 
+# Configs tuned on one chip serve the others of its architecture: an H200 or GH200 (sm_90, as the H100) runs the same
+# kernels with the same shared memory, so every H100 config is valid there; only their speed ranking may differ. Without
+# them a cold H200 autotuned for 3 minutes in its first preparation step (results/cold-h200x4/).
+FLA_CONFIGS_BY_ARCH = {(9, 0): ("NVIDIA_H100_80GB_HBM3",)}
+
+
 def use_fla_configs():
     """fla's autotuning results shipped for this GPU (fla_configs/<GPU>/), so that the first step does not spend
     minutes autotuning. fla reads them at import; an explicit FLA_CONFIG_DIR / FLA_CACHE_MODE wins."""
@@ -2310,12 +2316,6 @@ def use_fla_configs():
     if found:
         os.environ.setdefault("FLA_CONFIG_DIR", str(HERE / "fla_configs" / found[0]))
         os.environ.setdefault("FLA_CACHE_MODE", "fuzzy")  # fuzzy: a config tuned at one length serves all
-
-
-# Configs tuned on one chip serve the others of its architecture: an H200 or GH200 (sm_90, as the H100) runs the same
-# kernels with the same shared memory, so every H100 config is valid there; only their speed ranking may differ. Without
-# them a cold H200 autotuned for 3 minutes in its first preparation step (results/cold-h200x4/).
-FLA_CONFIGS_BY_ARCH = {(9, 0): ("NVIDIA_H100_80GB_HBM3",)}
 
 
 def parse_args(argv=None, cls=Config, description="DASH: differentiable search for hybrid-attention LLMs"):

@@ -550,8 +550,8 @@ def test_every_cli_prints_its_help(script, capsys):
                                               ("NVIDIA H200", (9, 0), "NVIDIA_H100_80GB_HBM3"),
                                               ("NVIDIA A100-SXM4-80GB", (8, 0), None)])
 def test_shipped_fla_configs_serve_every_gpu_of_their_architecture(gpu, cap, expect, monkeypatch):
-    monkeypatch.delenv("FLA_CONFIG_DIR", raising=False)
-    monkeypatch.delenv("FLA_CACHE_MODE", raising=False)
+    # a copy without FLA_*: what use_fla_configs sets must not leak into the tests after this one
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("FLA_")})
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: gpu)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: cap)
     dash.use_fla_configs()

@@ -7,9 +7,8 @@ not depend on its config beyond rounding; its speed does, so never time anything
 try:
     from triton.runtime.autotuner import Autotuner
 except ImportError:  # no triton (CPU): nothing to prune
-    Autotuner = None
-
-if Autotuner is not None:
+    pass
+else:
     _prune_configs = Autotuner.prune_configs
 
     def prune_configs(self, kwargs, *args, **kw):
