@@ -6,8 +6,17 @@ that first made a NaN. Run by hand where the search ran; not collected by pytest
 
     python tests/replay_step.py out/nonfinite-step-311.pt --cache candidates/<model>-<fingerprint>.safetensors
     python tests/replay_step.py out/nonfinite-step-311.pt --cache ... --anomaly
+    python tests/replay_step.py out/nonfinite-step-311.pt --cache ... --attention-ab --save attn-repro.pt
+
+--attention-ab: every windowed softmax attention call (swa; 'full' in a teacher's own window layers) is watched;
+the first, from the top layer down, whose output gradient is finite but whose q/k/v gradient is not is run again
+alone on the same q, k, v and output gradient with each kernel: fla as dispatched (TileLang on Hopper), fla's
+Triton kernel (FLA_TILELANG=0) and sdpa with a band mask in float32 (the reference). --save writes those tensors,
+a repro of the kernel alone, which `python tests/replay_step.py --case attn-repro.pt` runs again (on CUDA, no
+model or candidates needed).
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -17,12 +26,103 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dash  # noqa: E402
 
 
+def reference_attention(scaling: float, window: int):
+    """Windowed softmax attention in float32 with sdpa and a band mask: fn(q, k, v) -> y, all (B, T, heads, D)."""
+    def run(q, k, v):
+        T = q.shape[1]
+        lag = torch.arange(T, device=q.device)[:, None] - torch.arange(T, device=q.device)
+        y = torch.nn.functional.scaled_dot_product_attention(
+            *(t.float().transpose(1, 2) for t in (q, k, v)), attn_mask=(lag >= 0) & (lag < window), scale=scaling,
+            enable_gqa=True)
+        return y.transpose(1, 2)
+    return run
+
+
+def attention_variants(scaling: float, window: int):
+    """The kernels that windowed softmax attention can run on, as (name, fn(q, k, v) -> y): fla as dispatched, fla
+    with its TileLang backend off (FLA_TILELANG is read at each call), and the float32 reference."""
+    from fla.ops.attn import parallel_attn
+
+    def fla(tilelang):
+        def run(q, k, v):
+            old = os.environ.get("FLA_TILELANG")
+            os.environ["FLA_TILELANG"] = "1" if tilelang else "0"
+            try:
+                return parallel_attn(q, k, v, scale=scaling, window_size=window)
+            finally:
+                os.environ.pop("FLA_TILELANG") if old is None else os.environ.__setitem__("FLA_TILELANG", old)
+        return run
+    return [("fla (as dispatched)", fla(True)), ("fla, Triton (FLA_TILELANG=0)", fla(False)),
+            ("sdpa float32 (reference)", reference_attention(scaling, window))]
+
+
+def compare(case: dict, variants) -> list[str]:
+    """Run each variant's forward and backward on the case's q, k, v and output gradient dy. One line each: which of
+    y, dq, dk, dv are not finite, or their relative errors against the variant named "(reference)"."""
+    lines, ref = [], None
+    for name, fn in variants:
+        q, k, v = (case[n].detach().clone().requires_grad_() for n in "qkv")
+        y = fn(q, k, v)
+        grads = torch.autograd.grad(y, (q, k, v), case["dy"].to(y.dtype))
+        outs = dict(y=y.detach().float(), dq=grads[0].float(), dk=grads[1].float(), dv=grads[2].float())
+        bad = {n: int((~torch.isfinite(t)).sum()) for n, t in outs.items() if not torch.isfinite(t).all()}
+        line = f"  {name:30s} " + (f"not finite: {bad}" if bad else "finite")
+        if not bad and "(reference)" in name:
+            ref = outs
+        lines.append((line, outs, bad))
+    out = []
+    for line, outs, bad in lines:
+        if ref is not None and not bad:
+            err = {n: float((outs[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-30)) for n in ref}
+            line += "; relative error against the reference: " + ", ".join(f"{n} {e:.2e}" for n, e in err.items())
+        out.append(line)
+    return out
+
+
+def watch_attention():
+    """Wrap dash.windowed_attention to record, per call, q, k, v, the scaling and window, and (by tensor hooks) the
+    gradients of its output and of q, k, v. Returns the list of records (forward order = layer order)."""
+    calls, original = [], dash.windowed_attention
+
+    def watched(p, q, k, v, scaling, window, kernels):
+        y = original(p, q, k, v, scaling, window, kernels)
+        rec = dict(q=q, k=k, v=v, scaling=scaling, window=min(window, p.window or window), grads={})
+        for n, t in (("q", q), ("k", k), ("v", v), ("dy", y)):
+            if t.requires_grad:
+                t.register_hook(lambda g, n=n: rec["grads"].__setitem__(n, g.detach()))
+        calls.append(rec)
+        return y
+    dash.windowed_attention = watched
+    return calls
+
+
+def first_failing(calls: list[dict]) -> dict | None:
+    """The highest-layer call whose output gradient is finite and one of whose input gradients is not."""
+    for i in reversed(range(len(calls))):
+        g = calls[i]["grads"]
+        if "dy" in g and torch.isfinite(g["dy"]).all() and any(
+                n in g and not torch.isfinite(g[n]).all() for n in "qkv"):
+            return dict(call=i, q=calls[i]["q"].detach(), k=calls[i]["k"].detach(), v=calls[i]["v"].detach(),
+                        dy=g["dy"], scaling=calls[i]["scaling"], window=calls[i]["window"])
+    return None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("file", help="nonfinite-step-N.pt, written by the search")
+    ap.add_argument("file", nargs="?", help="nonfinite-step-N.pt, written by the search")
     ap.add_argument("--cache", default=None, help="the run's candidate file (default: its --cache, if it gave one)")
     ap.add_argument("--anomaly", action="store_true", help="then replay under torch.autograd.detect_anomaly()")
+    ap.add_argument("--attention-ab", action="store_true",
+                    help="run the first windowed attention whose backward is not finite again with each kernel")
+    ap.add_argument("--save", default=None, help="with --attention-ab: write that call's q, k, v, dy here")
+    ap.add_argument("--case", default=None, help="instead of a step: run the kernels on a file that --save wrote")
     args = ap.parse_args(argv)
+    if args.case:
+        case = {n: (t.cuda() if torch.is_tensor(t) else t) for n, t in torch.load(args.case).items()}
+        print("\n".join(compare(case, attention_variants(case["scaling"], case["window"]))))
+        return
+    if args.file is None:
+        ap.error("give a nonfinite-step-N.pt file, or --case")
     saved = torch.load(args.file, weights_only=False)
     cfg = dash.Config(**saved["config"])
     cfg.compile, cfg.cuda_graph = False, False  # eager: hooks and anomaly mode see every operator
@@ -56,6 +156,7 @@ def main(argv=None):
     for l, layer_ops in enumerate(ops):
         for name, op in layer_ops.items():
             op.register_forward_hook(watch(l, name))
+    calls = watch_attention() if args.attention_ab else []
     kl, dkl_dw = dash.kl_and_grad(model, ids, w, alive.tolist(), cfg)
     print(f"step {saved['step'] + 1}: KL {kl.item():.6g}; dKL/dw finite in layers "
           f"{torch.isfinite(dkl_dw).all(-1).nonzero().flatten().tolist()} of {len(ops)}")
@@ -67,6 +168,18 @@ def main(argv=None):
     if not bad:
         print("every operator's output and gradient is finite here: the step does not reproduce eagerly (the "
               "search may have run it compiled or as a CUDA graph, or on another device)")
+    if args.attention_ab:
+        case = first_failing(calls)
+        if case is None:
+            print(f"attention A/B: none of the {len(calls)} windowed attention calls made a non-finite q/k/v "
+                  f"gradient from a finite output gradient")
+        else:
+            print(f"attention A/B: call {case['call']} of {len(calls)} (q {tuple(case['q'].shape)}, window "
+                  f"{case['window']}): its output gradient is finite, its q/k/v gradient is not. The same inputs:")
+            print("\n".join(compare(case, attention_variants(case["scaling"], case["window"]))))
+            if args.save:
+                torch.save({n: (t.cpu() if torch.is_tensor(t) else t) for n, t in case.items()}, args.save)
+                print(f"wrote {args.save}")
     if args.anomaly:
         with torch.autograd.detect_anomaly(check_nan=True):
             dash.kl_and_grad(model, ids, w, alive.tolist(), cfg)

@@ -107,6 +107,47 @@ def test_a_gradient_that_stays_non_finite_ends_the_search_with_one_clear_error(t
         dash.search(model, batches, NAMES, cfg)
 
 
+class NanGradient(torch.autograd.Function):
+    """Identity forward; a NaN gradient backward: a kernel whose backward overflows."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("nan"))
+
+
+def test_the_replay_names_the_windowed_attention_whose_backward_made_the_nan(tiny, tiny_dir, text_file, monkeypatch):
+    """tests/replay_step.py --attention-ab: of the windowed attention calls of a step, the highest-layer one whose
+    output gradient is finite and whose q/k/v gradient is not (on a 3B search: fla's sliding-window backward) is
+    found, and its inputs run again with each kernel say which one is not finite."""
+    import replay_step
+    model, tok = tiny
+    cfg = dash.resolve(tiny_cfg(tiny_dir, text_file), 4)
+    mixed(model, cfg)
+    ids = dash.load_data(tok, cfg, parts=("search",))["search"][0]
+    real, n = dash.windowed_attention, []
+
+    def poisoned(p, q, k, v, scaling, window, kernels):  # layer 2's swa: a NaN gradient for its q alone
+        n.append(1)
+        return real(p, NanGradient.apply(q) if len(n) == 3 else q, k, v, scaling, window, kernels)
+    monkeypatch.setattr(dash, "windowed_attention", poisoned)
+    calls = replay_step.watch_attention()  # wraps the poisoned one: records its inputs before the poison
+    w = torch.full((4, 4), 0.25)
+    kl, dkl_dw = dash.kl_and_grad(model, ids, w, [[True] * 4] * 4, cfg)
+    assert len(calls) == 4 and torch.isfinite(kl)
+    assert torch.isfinite(dkl_dw[2:]).all() and not torch.isfinite(dkl_dw[:2]).any()  # it flows down the layers
+    case = replay_step.first_failing(calls)
+    assert case["call"] == 2 and case["window"] == cfg.window and torch.equal(case["q"], calls[2]["q"].detach())
+
+    reference = replay_step.reference_attention(case["scaling"], case["window"])
+    lines = replay_step.compare(case, [("nan kernel", lambda q, k, v: reference(NanGradient.apply(q), k, v)),
+                                       ("sdpa float32 (reference)", reference)])
+    assert "not finite: {'dq':" in lines[0] and "relative error" not in lines[0]
+    assert lines[1].split()[-1] == "0.00e+00" and "finite; relative error against the reference: y 0.00e+00" in lines[1]
+
+
 def test_skipped_probabilities_are_exact_zeros_and_the_rest_renormalise():
     alpha = torch.tensor([[0.0, 1.0, 2.0]])
     alive = torch.tensor([[True, False, True]])
