@@ -39,20 +39,22 @@ def reference_attention(scaling: float, window: int):
 
 
 def attention_variants(scaling: float, window: int):
-    """The kernels that windowed softmax attention can run on, as (name, fn(q, k, v) -> y): fla as dispatched, fla
-    with its TileLang backend off (FLA_TILELANG is read at each call), and the float32 reference."""
+    """The kernels that windowed softmax attention can run on, as (name, fn(q, k, v) -> y): fla as dispatched (on
+    Hopper with Triton >= 3.4 its TileLang backend), fla with that backend off (fla reads FLA_TILELANG at each call),
+    and the float32 reference."""
     from fla.ops.attn import parallel_attn
 
-    def fla(tilelang):
+    def fla(tilelang: str | None):  # FLA_TILELANG for this call; None: as it is
         def run(q, k, v):
             old = os.environ.get("FLA_TILELANG")
-            os.environ["FLA_TILELANG"] = "1" if tilelang else "0"
+            if tilelang is not None:
+                os.environ["FLA_TILELANG"] = tilelang
             try:
                 return parallel_attn(q, k, v, scale=scaling, window_size=window)
             finally:
                 os.environ.pop("FLA_TILELANG") if old is None else os.environ.__setitem__("FLA_TILELANG", old)
         return run
-    return [("fla (as dispatched)", fla(True)), ("fla, Triton (FLA_TILELANG=0)", fla(False)),
+    return [("fla (as dispatched)", fla(None)), ("fla, Triton (FLA_TILELANG=0)", fla("0")),
             ("sdpa float32 (reference)", reference_attention(scaling, window))]
 
 
@@ -85,6 +87,7 @@ def watch_attention():
     calls, original = [], dash.windowed_attention
 
     def watched(p, q, k, v, scaling, window, kernels):
+        q, k, v = (t.view_as(t) for t in (q, k, v))  # views: their gradients are this call's alone (q_rope is shared)
         y = original(p, q, k, v, scaling, window, kernels)
         rec = dict(q=q, k=k, v=v, scaling=scaling, window=min(window, p.window or window), grads={})
         for n, t in (("q", q), ("k", k), ("v", v), ("dy", y)):
