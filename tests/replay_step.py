@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -26,16 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dash  # noqa: E402
 
 
+ORIGINAL = dash.windowed_attention  # before watch_attention() wraps it
+
+
 def reference_attention(scaling: float, window: int):
-    """Windowed softmax attention in float32 with sdpa and a band mask: fn(q, k, v) -> y, all (B, T, heads, D)."""
-    def run(q, k, v):
-        T = q.shape[1]
-        lag = torch.arange(T, device=q.device)[:, None] - torch.arange(T, device=q.device)
-        y = torch.nn.functional.scaled_dot_product_attention(
-            *(t.float().transpose(1, 2) for t in (q, k, v)), attn_mask=(lag >= 0) & (lag < window), scale=scaling,
-            enable_gqa=True)
-        return y.transpose(1, 2)
-    return run
+    """Windowed softmax attention in float32 on dash's torch path (sdpa, band mask): fn(q, k, v) -> y, each
+    (B, T, heads, D)."""
+    no_mask = SimpleNamespace(mask=None, window=None)  # all windowed_attention reads of a LayerInput
+    return lambda q, k, v: ORIGINAL(no_mask, q.float(), k.float(), v.float(), scaling, window, "torch")
 
 
 def attention_variants(scaling: float, window: int):
@@ -84,11 +83,11 @@ def compare(case: dict, variants) -> list[str]:
 def watch_attention():
     """Wrap dash.windowed_attention to record, per call, q, k, v, the scaling and window, and (by tensor hooks) the
     gradients of its output and of q, k, v. Returns the list of records (forward order = layer order)."""
-    calls, original = [], dash.windowed_attention
+    calls, inner = [], dash.windowed_attention
 
     def watched(p, q, k, v, scaling, window, kernels):
         q, k, v = (t.view_as(t) for t in (q, k, v))  # views: their gradients are this call's alone (q_rope is shared)
-        y = original(p, q, k, v, scaling, window, kernels)
+        y = inner(p, q, k, v, scaling, window, kernels)
         rec = dict(q=q, k=k, v=v, scaling=scaling, window=min(window, p.window or window), grads={})
         for n, t in (("q", q), ("k", k), ("v", v), ("dy", y)):
             if t.requires_grad:
