@@ -2,7 +2,8 @@
 `--out/nonfinite-step-N.pt`, the first of each run of them): the same model, candidates, batch and probabilities,
 eager, with a hook on every operator's output. Prints each layer's operators whose output or output gradient is not
 finite, then (--anomaly) runs the step again under autograd's anomaly detection, which names the backward function
-that first made a NaN. Run by hand where the search ran; not collected by pytest.
+that first made a NaN; --all prints every operator's largest |output| and |output gradient| (where a gradient grows
+layer by layer before it overflows). Run by hand where the search ran; not collected by pytest.
 
     python tests/replay_step.py out/nonfinite-step-311.pt --cache candidates/<model>-<fingerprint>.safetensors
     python tests/replay_step.py out/nonfinite-step-311.pt --cache ... --anomaly
@@ -11,11 +12,12 @@ that first made a NaN. Run by hand where the search ran; not collected by pytest
 --attention-ab: every windowed softmax attention call (swa; 'full' in a teacher's own window layers) is watched;
 the first, from the top layer down, whose output gradient is finite but whose q/k/v gradient is not is run again
 alone on the same q, k, v and output gradient with each kernel: fla as dispatched (TileLang on Hopper), fla's
-Triton kernel (FLA_TILELANG=0) and sdpa with a band mask in float32 (the reference). --save writes those tensors,
+Triton kernel (FLA_TILELANG=0, held over the backward too) and sdpa with a band mask in float32 (the reference). --save writes those tensors,
 a repro of the kernel alone, which `python tests/replay_step.py --case attn-repro.pt` runs again (on CUDA, no
 model or candidates needed).
 """
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -37,37 +39,55 @@ def reference_attention(scaling: float, window: int):
     return lambda q, k, v: ORIGINAL(no_mask, q.float(), k.float(), v.float(), scaling, window, "torch")
 
 
+@contextlib.contextmanager
+def environ(**values):
+    """Set environment variables for the forward and the backward alike: fla dispatches each on its own, reading
+    FLA_TILELANG at each call, so a variable set around the forward alone would leave the backward on TileLang."""
+    old = {n: os.environ.get(n) for n in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for n, v in old.items():
+            os.environ.pop(n, None) if v is None else os.environ.__setitem__(n, v)
+
+
 def attention_variants(scaling: float, window: int):
-    """The kernels that windowed softmax attention can run on, as (name, fn(q, k, v) -> y): fla as dispatched (on
-    Hopper with Triton >= 3.4 its TileLang backend), fla with that backend off (fla reads FLA_TILELANG at each call),
-    and the float32 reference."""
+    """The kernels that windowed softmax attention can run on, as (name, fn(q, k, v) -> y, environment): fla as
+    dispatched (on Hopper with Triton >= 3.4 its TileLang backend), fla with that backend off, and the float32
+    reference."""
     from fla.ops.attn import parallel_attn
 
-    def fla(tilelang: str | None):  # FLA_TILELANG for this call; None: as it is
-        def run(q, k, v):
-            old = os.environ.get("FLA_TILELANG")
-            if tilelang is not None:
-                os.environ["FLA_TILELANG"] = tilelang
-            try:
-                return parallel_attn(q, k, v, scale=scaling, window_size=window)
-            finally:
-                os.environ.pop("FLA_TILELANG") if old is None else os.environ.__setitem__("FLA_TILELANG", old)
-        return run
-    return [("fla (as dispatched)", fla(None)), ("fla, Triton (FLA_TILELANG=0)", fla("0")),
-            ("sdpa float32 (reference)", reference_attention(scaling, window))]
+    def fla(q, k, v):
+        return parallel_attn(q, k, v, scale=scaling, window_size=window)
+    return [("fla (as dispatched)", fla, {}), ("fla, Triton (FLA_TILELANG=0)", fla, {"FLA_TILELANG": "0"}),
+            ("sdpa float32 (reference)", reference_attention(scaling, window), {})]
 
 
 def compare(case: dict, variants) -> list[str]:
-    """Run each variant's forward and backward on the case's q, k, v and output gradient dy. One line each: which of
-    y, dq, dk, dv are not finite, or their relative errors against the variant named "(reference)"."""
+    """Run each variant's forward and backward, in its environment, on the case's q, k, v and output gradient dy.
+    One line each: which of y, dq, dk, dv are not finite, or their relative errors against the variant named
+    "(reference)"; on CUDA also the milliseconds of a forward and backward."""
     lines, ref = [], None
-    for name, fn in variants:
-        q, k, v = (case[n].detach().clone().requires_grad_() for n in "qkv")
-        y = fn(q, k, v)
-        grads = torch.autograd.grad(y, (q, k, v), case["dy"].to(y.dtype))
+    for name, fn, *env in variants:
+        def step():
+            q, k, v = (case[n].detach().clone().requires_grad_() for n in "qkv")
+            y = fn(q, k, v)
+            return y, torch.autograd.grad(y, (q, k, v), case["dy"].to(y.dtype))
+        with environ(**(env[0] if env else {})):
+            y, grads = step()
+            ms = ""
+            if y.is_cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(5):
+                    step()
+                end.record()
+                torch.cuda.synchronize()
+                ms = f" ({start.elapsed_time(end) / 5:.2f} ms forward and backward)"
         outs = dict(y=y.detach().float(), dq=grads[0].float(), dk=grads[1].float(), dv=grads[2].float())
         bad = {n: int((~torch.isfinite(t)).sum()) for n, t in outs.items() if not torch.isfinite(t).all()}
-        line = f"  {name:30s} " + (f"not finite: {bad}" if bad else "finite")
+        line = f"  {name:30s} " + (f"not finite: {bad}" if bad else "finite") + ms
         if not bad and "(reference)" in name:
             ref = outs
         lines.append((line, outs, bad))
@@ -117,6 +137,7 @@ def main(argv=None):
     ap.add_argument("--attention-ab", action="store_true",
                     help="run the first windowed attention whose backward is not finite again with each kernel")
     ap.add_argument("--save", default=None, help="with --attention-ab: write that call's q, k, v, dy here")
+    ap.add_argument("--all", action="store_true", help="print every operator's largest |output| and |gradient|")
     ap.add_argument("--case", default=None, help="instead of a step: run the kernels on a file that --save wrote")
     args = ap.parse_args(argv)
     if args.case:
@@ -165,6 +186,9 @@ def main(argv=None):
     bad = [s for s in seen if s[3]]  # in the order met: forward, then the backward pass from the top layer down
     for l, name, what, n, largest in bad[:8]:
         print(f"  layer {l:2d} {name:6s} {what:8s}: {n} elements not finite (largest finite |x| {largest:.3g})")
+    if args.all:
+        for l, name, what, n, largest in seen:
+            print(f"  all: layer {l:2d} {name:6s} {what:8s}: {n} not finite, largest finite |x| {largest:.3g}")
     if len(bad) > 8:
         print(f"  ... and {len(bad) - 8} more below")
     if not bad:

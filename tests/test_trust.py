@@ -118,6 +118,18 @@ class NanGradient(torch.autograd.Function):
         return torch.full_like(g, float("nan"))
 
 
+class NanGradientUnlessEnv(torch.autograd.Function):
+    """Identity forward; a NaN gradient backward unless DASH_TEST_KERNEL=fixed when the backward runs: fla picks
+    the backend of its forward and of its backward each at its own call, from FLA_TILELANG."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g if os.environ.get("DASH_TEST_KERNEL") == "fixed" else torch.full_like(g, float("nan"))
+
+
 def test_the_replay_names_the_windowed_attention_whose_backward_made_the_nan(tiny, tiny_dir, text_file, monkeypatch):
     """tests/replay_step.py --attention-ab: of the windowed attention calls of a step, the highest-layer one whose
     output gradient is finite and whose q/k/v gradient is not (on a 3B search: fla's sliding-window backward) is
@@ -146,6 +158,13 @@ def test_the_replay_names_the_windowed_attention_whose_backward_made_the_nan(tin
                                        ("sdpa float32 (reference)", reference)])
     assert "not finite: {'dq':" in lines[0] and "relative error" not in lines[0]
     assert lines[1].split()[-1] == "0.00e+00" and "finite; relative error against the reference: y 0.00e+00" in lines[1]
+    # a variant's environment holds over its backward too, and is gone after it
+    monkeypatch.delenv("DASH_TEST_KERNEL", raising=False)
+    fixed = lambda q, k, v: reference(NanGradientUnlessEnv.apply(q), k, v)  # noqa: E731
+    lines = replay_step.compare(case, [("as is", fixed), ("fixed", fixed, {"DASH_TEST_KERNEL": "fixed"}),
+                                       ("sdpa float32 (reference)", reference)])
+    assert "not finite: {'dq':" in lines[0] and "finite; relative error" in lines[1]
+    assert "DASH_TEST_KERNEL" not in os.environ
 
 
 def test_skipped_probabilities_are_exact_zeros_and_the_rest_renormalise():
