@@ -2,8 +2,9 @@
 `--out/nonfinite-step-N.pt`, the first of each run of them): the same model, candidates, batch and probabilities,
 eager, with a hook on every operator's output. Prints each layer's operators whose output or output gradient is not
 finite, then (--anomaly) runs the step again under autograd's anomaly detection, which names the backward function
-that first made a NaN; --all prints every operator's largest |output| and |output gradient| (where a gradient grows
-layer by layer before it overflows). Run by hand where the search ran; not collected by pytest.
+that first made a NaN; --all prints every operator's largest |output| and |output gradient|, the largest gradient at each
+layer's residual input, and the smallest rms of a token's residual input in the teacher's and the mixture's pass,
+each with its sequence and token (where a gradient grows layer by layer before it overflows, and at which token). Run by hand where the search ran; not collected by pytest.
 
     python tests/replay_step.py out/nonfinite-step-311.pt --cache candidates/<model>-<fingerprint>.safetensors
     python tests/replay_step.py out/nonfinite-step-311.pt --cache ... --anomaly
@@ -137,7 +138,7 @@ def main(argv=None):
     ap.add_argument("--attention-ab", action="store_true",
                     help="run the first windowed attention whose backward is not finite again with each kernel")
     ap.add_argument("--save", default=None, help="with --attention-ab: write that call's q, k, v, dy here")
-    ap.add_argument("--all", action="store_true", help="print every operator's largest |output| and |gradient|")
+    ap.add_argument("--all", action="store_true", help="print every operator's and layer input's largest |output| and |gradient|, and where")
     ap.add_argument("--case", default=None, help="instead of a step: run the kernels on a file that --save wrote")
     args = ap.parse_args(argv)
     if args.case:
@@ -164,11 +165,28 @@ def main(argv=None):
     w = dash.masked_softmax(saved["alpha"].to(device), alive, saved["tau"])
     ids = saved["ids"].to(device)
 
-    seen = []  # (layer, operator, output or gradient, elements not finite, largest finite |value|)
+    seen = []  # (layer, operator, output or gradient, elements not finite, largest finite |value|, its (b, t))
 
     def record(l, name, what, t):
         t = t.detach()
-        seen.append((l, name, what, int((~torch.isfinite(t)).sum()), float(torch.nan_to_num(t, 0, 0, 0).abs().max())))
+        largest = torch.nan_to_num(t.float(), 0, 0, 0).abs().amax(tuple(range(2, t.dim())))  # (B, T)
+        seen.append((l, name, what, int((~torch.isfinite(t)).sum()), float(largest.max()),
+                     divmod(int(largest.argmax()), largest.shape[1])))
+
+    residual = []  # --all: (layer, teacher or mixture, smallest rms of a token's residual input, its (b, t))
+
+    def watch_residual(l):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            if x.requires_grad:  # the mixture's gradient at the layer's residual input
+                x.register_hook(lambda g: record(l, "input", "gradient", g))
+            rms = x.detach().float().pow(2).mean(-1).sqrt()  # (B, T)
+            residual.append((l, "mixture" if torch.is_grad_enabled() else "teacher", float(rms.min()),
+                             divmod(int(rms.argmin()), rms.shape[1])))
+        return hook
+    if args.all:
+        for l, layer in enumerate(model.model.layers):
+            layer.register_forward_pre_hook(watch_residual(l), with_kwargs=True)
 
     def watch(l, name):
         def hook(module, inputs, y):
@@ -184,11 +202,14 @@ def main(argv=None):
     print(f"step {saved['step'] + 1}: KL {kl.item():.6g}; dKL/dw finite in layers "
           f"{torch.isfinite(dkl_dw).all(-1).nonzero().flatten().tolist()} of {len(ops)}")
     bad = [s for s in seen if s[3]]  # in the order met: forward, then the backward pass from the top layer down
-    for l, name, what, n, largest in bad[:8]:
+    for l, name, what, n, largest, _ in bad[:8]:
         print(f"  layer {l:2d} {name:6s} {what:8s}: {n} elements not finite (largest finite |x| {largest:.3g})")
     if args.all:
-        for l, name, what, n, largest in seen:
-            print(f"  all: layer {l:2d} {name:6s} {what:8s}: {n} not finite, largest finite |x| {largest:.3g}")
+        for l, name, what, n, largest, (b, t) in seen:
+            print(f"  all: layer {l:2d} {name:6s} {what:8s}: {n} not finite, largest finite |x| {largest:.3g} at "
+                  f"sequence {b} token {t}")
+        for l, which, rms, (b, t) in residual:
+            print(f"  residual: layer {l:2d} input, {which}: smallest token rms {rms:.3g} at sequence {b} token {t}")
     if len(bad) > 8:
         print(f"  ... and {len(bad) - 8} more below")
     if not bad:

@@ -387,3 +387,37 @@ def test_a_threshold_nobody_passes_and_a_budget_under_one_step_say_so(tiny_dir, 
     dash.main(tiny_args(tiny_dir, text_file, tmp_path, polish=0, out=tmp_path / "o", tokens=100))
     assert "--tokens 100 is less than one step of 2x64 tokens; the search runs one step (128 tokens)" in \
         capsys.readouterr().out
+
+
+def test_the_replay_runs_a_saved_step_and_prints_where_each_gradient_peaks(tiny, tiny_dir, text_file, tmp_path,
+                                                                           capsys):
+    """tests/replay_step.py FILE --cache C --all, end to end on the CPU: the step a search saved, replayed, with each
+    operator's and each layer input's largest gradient and where it is, and the smallest residual of both passes."""
+    import replay_step
+    from conftest import prepared_state
+    cache = tmp_path / "cands.safetensors"
+    prepared_state(tiny_dir, text_file, cache)
+    model, tok = tiny
+    cfg = dash.resolve(tiny_cfg(tiny_dir, text_file, cache=str(cache)), 4)
+    ids = dash.load_data(tok, cfg, parts=("search",))["search"][0]
+    alive = torch.ones(4, 4, dtype=torch.bool)
+    alive[2:, 2:] = False  # layers 2 and 3 down to full and swa
+    torch.save(dict(run_key="k", config=dataclasses.asdict(cfg), step=4, ids=ids, tau=0.5, alpha=torch.zeros(4, 4),
+                    alive=alive), tmp_path / "nonfinite-step-5.pt")
+    capsys.readouterr()
+    replay_step.main([str(tmp_path / "nonfinite-step-5.pt"), "--all"])
+    out = capsys.readouterr().out
+    assert out.startswith("step 5: KL ") and "dKL/dw finite in layers [0, 1, 2, 3] of 4" in out
+    assert "every operator's output and gradient is finite here" in out
+    B, T = ids.shape
+    for l in range(4):
+        for which in ("teacher", "mixture"):
+            assert f"residual: layer {l:2d} input, {which}: smallest token rms " in out
+        # layer 0's input is the frozen embeddings: no gradient reaches it, nor its operators' outputs
+        assert (f"all: layer {l:2d} input  gradient: 0 not finite" in out) == (l > 0)
+        assert (f"all: layer {l:2d} gla    gradient" in out) == (l == 1)
+        assert (f"all: layer {l:2d} swa    gradient" in out) == (l > 0)
+    located = [line.split(" at sequence ")[1].split(" token ") for line in out.splitlines() if " at sequence " in line]
+    # residual inputs of both passes; input gradients; the teacher's outputs; the mixture's outputs and gradients
+    assert len(located) == 4 * 2 + 3 + 4 + (4 + 4 + 2 + 2) + (4 + 2 + 2)
+    assert all(0 <= int(b) < B and 0 <= int(t) < T for b, t in located)
