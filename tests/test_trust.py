@@ -318,8 +318,9 @@ def test_a_killed_search_resumes_to_the_same_result(tiny_dir, text_file, tmp_pat
     """Killed (SIGKILL) after a checkpoint, `--resume` ends bit-identical to a run that was never interrupted (all
     three runs as subprocesses, one thread each: the same floating-point order)."""
     base = tiny_args(tiny_dir, text_file, tmp_path, tokens=128 * 24, checkpoint_every=2, polish=0)
-    whole = cli(base + ["--out", str(tmp_path / "whole")])  # prepares the candidates too
-    assert whole.wait(timeout=300) == 0, whole.stderr.read()
+    # side by side, one core each, each preparing the same candidates into its own file; the second is killed at
+    # its first checkpoint
+    whole = cli(base + ["--out", str(tmp_path / "whole"), "--cache", str(tmp_path / "whole.safetensors")])
     out = tmp_path / "killed"
     proc = cli(base + ["--out", str(out)])
     deadline = time.time() + 120
@@ -328,6 +329,7 @@ def test_a_killed_search_resumes_to_the_same_result(tiny_dir, text_file, tmp_pat
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (out / "arch.json").exists()  # really killed mid-search
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()
     resumed = cli(base + ["--out", str(out), "--resume"])
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0 and "resuming the search from" in stdout, stderr
