@@ -361,15 +361,17 @@ def test_weights_prepared_by_other_code_are_refused(tiny_dir, text_file, tmp_pat
 
 
 def test_bad_inputs_on_the_command_line_get_one_clear_line(tiny_dir, text_file, tmp_path):
-    """Through a subprocess, as a user runs it, on the paths that prepare and evaluate: one line, no traceback."""
+    """One line, no traceback: through a subprocess, as a user runs it, for each script; in-process for the rest."""
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
     (tmp_path / "arch.json").write_text(json.dumps({"model": str(tiny_dir), "layers": ["full"] * 4}))
+    # in-process, the same exit (SystemExit with the message, which Python prints as its one line)
+    with pytest.raises(SystemExit, match=r"--skip-below 0.3 must be below 1/4"):
+        dash.main(tiny_args(tiny_dir, text_file, tmp_path, skip_below=0.3))
+    with pytest.raises(SystemExit, match=r"junk.safetensors is not a readable candidate file"):
+        dash.main(tiny_args(tiny_dir, text_file, tmp_path, cache=tmp_path / "junk.safetensors"))
     cases = [
         ("dash.py", tiny_args(tiny_dir, text_file, tmp_path, data="/nonexistent"),
          "dash: --data /nonexistent: no such file or folder"),
-        ("dash.py", tiny_args(tiny_dir, text_file, tmp_path, skip_below=0.3), "--skip-below 0.3 must be below 1/4"),
-        ("dash.py", tiny_args(tiny_dir, text_file, tmp_path, cache=tmp_path / "junk.safetensors"),
-         "junk.safetensors is not a readable candidate file"),
         ("prepare_candidates.py", ["--model", str(tiny_dir), "--data", "/nonexistent"],
          "prepare_candidates: --data /nonexistent: no such file or folder"),
         ("eval_ruler.py", ["--arch", str(tmp_path / "arch.json")],
