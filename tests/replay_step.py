@@ -2,20 +2,22 @@
 `--out/nonfinite-step-N.pt`, the first of each run of them): the same model, candidates, batch and probabilities,
 eager, with a hook on every operator's output. Prints each layer's operators whose output or output gradient is not
 finite, then (--anomaly) runs the step again under autograd's anomaly detection, which names the backward function
-that first made a NaN; --all prints every operator's largest |output| and |output gradient|, the largest gradient at each
-layer's residual input, and the smallest rms of a token's residual input in the teacher's and the mixture's pass,
-each with its sequence and token (where a gradient grows layer by layer before it overflows, and at which token). Run by hand where the search ran; not collected by pytest.
+that first made a NaN. --all prints every operator's largest |output| and |output gradient|, the largest gradient
+at each layer's residual input, and the smallest rms of a token's residual input in the teacher's and the
+mixture's pass, each with its sequence and token: where a gradient grows layer by layer before it overflows, and at
+which token. Run by hand where the search ran; not collected by pytest.
 
     python tests/replay_step.py out/nonfinite-step-311.pt --cache candidates/<model>-<fingerprint>.safetensors
     python tests/replay_step.py out/nonfinite-step-311.pt --cache ... --anomaly
     python tests/replay_step.py out/nonfinite-step-311.pt --cache ... --attention-ab --save attn-repro.pt
+    python tests/replay_step.py out/nonfinite-step-311.pt --cache ... --all
 
 --attention-ab: every windowed softmax attention call (swa; 'full' in a teacher's own window layers) is watched;
 the first, from the top layer down, whose output gradient is finite but whose q/k/v gradient is not is run again
 alone on the same q, k, v and output gradient with each kernel: fla as dispatched (TileLang on Hopper), fla's
-Triton kernel (FLA_TILELANG=0, held over the backward too) and sdpa with a band mask in float32 (the reference). --save writes those tensors,
-a repro of the kernel alone, which `python tests/replay_step.py --case attn-repro.pt` runs again (on CUDA, no
-model or candidates needed).
+Triton kernel (FLA_TILELANG=0, held over the backward too) and sdpa with a band mask in float32 (the reference).
+--save writes those tensors, a repro of the kernel alone, which `python tests/replay_step.py --case attn-repro.pt`
+runs again (on CUDA, no model or candidates needed).
 """
 import argparse
 import contextlib
@@ -138,7 +140,8 @@ def main(argv=None):
     ap.add_argument("--attention-ab", action="store_true",
                     help="run the first windowed attention whose backward is not finite again with each kernel")
     ap.add_argument("--save", default=None, help="with --attention-ab: write that call's q, k, v, dy here")
-    ap.add_argument("--all", action="store_true", help="print every operator's and layer input's largest |output| and |gradient|, and where")
+    ap.add_argument("--all", action="store_true",
+                    help="print every operator's and layer input's largest |output| and |gradient|, and where")
     ap.add_argument("--case", default=None, help="instead of a step: run the kernels on a file that --save wrote")
     args = ap.parse_args(argv)
     if args.case:
