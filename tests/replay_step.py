@@ -20,11 +20,11 @@ Triton kernel (FLA_TILELANG=0, held over the backward too) and sdpa with a band 
 runs again (on CUDA, no model or candidates needed).
 """
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import torch
 
@@ -40,19 +40,6 @@ def reference_attention(scaling: float, window: int):
     (B, T, heads, D)."""
     no_mask = SimpleNamespace(mask=None, window=None)  # all windowed_attention reads of a LayerInput
     return lambda q, k, v: ORIGINAL(no_mask, q.float(), k.float(), v.float(), scaling, window, "torch")
-
-
-@contextlib.contextmanager
-def environ(**values):
-    """Set environment variables for the forward and the backward alike: fla dispatches each on its own, reading
-    FLA_TILELANG at each call, so a variable set around the forward alone would leave the backward on TileLang."""
-    old = {n: os.environ.get(n) for n in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for n, v in old.items():
-            os.environ.pop(n, None) if v is None else os.environ.__setitem__(n, v)
 
 
 def attention_variants(scaling: float, window: int):
@@ -77,7 +64,9 @@ def compare(case: dict, variants) -> list[str]:
             q, k, v = (case[n].detach().clone().requires_grad_() for n in "qkv")
             y = fn(q, k, v)
             return y, torch.autograd.grad(y, (q, k, v), case["dy"].to(y.dtype))
-        with environ(**(env[0] if env else {})):
+        # the environment held over the forward and the backward alike: fla picks the backend of each at its own
+        # call (FLA_TILELANG), so a variable set around the forward alone would leave the backward on TileLang
+        with mock.patch.dict(os.environ, env[0] if env else {}):
             y, grads = step()
             ms = ""
             if y.is_cuda:
@@ -207,14 +196,14 @@ def main(argv=None):
     bad = [s for s in seen if s[3]]  # in the order met: forward, then the backward pass from the top layer down
     for l, name, what, n, largest, _ in bad[:8]:
         print(f"  layer {l:2d} {name:6s} {what:8s}: {n} elements not finite (largest finite |x| {largest:.3g})")
+    if len(bad) > 8:
+        print(f"  ... and {len(bad) - 8} more below")
     if args.all:
         for l, name, what, n, largest, (b, t) in seen:
             print(f"  all: layer {l:2d} {name:6s} {what:8s}: {n} not finite, largest finite |x| {largest:.3g} at "
                   f"sequence {b} token {t}")
         for l, which, rms, (b, t) in residual:
             print(f"  residual: layer {l:2d} input, {which}: smallest token rms {rms:.3g} at sequence {b} token {t}")
-    if len(bad) > 8:
-        print(f"  ... and {len(bad) - 8} more below")
     if not bad:
         print("every operator's output and gradient is finite here: the step does not reproduce eagerly (the "
               "search may have run it compiled or as a CUDA graph, or on another device)")
