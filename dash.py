@@ -1984,8 +1984,9 @@ def skip_step(step: int, kl: torch.Tensor, dkl_dw: torch.Tensor, run: int, repla
         save_atomic(replay, checkpoint.with_name(f"nonfinite-step-{step + 1}.pt"))
     if run == NONFINITE_LIMIT:
         raise DashError(f"the KL or its gradient was not finite for {run} steps in a row (the last, step {step + 1}: "
-                        f"layers {layers}): an operator overflows on this model. Find which with --dtype float32 or "
-                        f"--kernels torch, or leave it out with --candidates")
+                        f"layers {layers}): the gradient overflows on this model. `python tests/replay_step.py "
+                        f"OUT/nonfinite-step-{step + 2 - run}.pt --all` replays the first of them and shows where "
+                        f"the gradient grows")
 
 
 def masked_softmax(alpha: torch.Tensor, alive: torch.Tensor, tau: float) -> torch.Tensor:
@@ -1999,7 +2000,7 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: 
     Pruning: once an operator's probability in a layer falls below --skip-below, it leaves that layer's search for
     good (P-DARTS' search-space approximation): it stops running, its probability is exactly 0 and its logit never
     changes again. So every operator that runs gets its exact gradient; a skipped one would otherwise get a made-up
-    dKL/dw = 0 that Adam turns into full-size steps. A step whose KL gradient is not finite (a kernel's overflow) is
+    dKL/dw = 0 that Adam turns into full-size steps. A step whose KL gradient is not finite (an overflow) is
     skipped and recorded; NONFINITE_LIMIT of them in a row end the search with an error.
     alpha0: the logits to start from (default zeros: uniform).
     checkpoint: where to save the state every --checkpoint-every steps (and resume from, with --resume)."""
@@ -2048,7 +2049,8 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: 
             optimizer.step()
             with torch.no_grad():  # a pruned logit gets no update (Adam's momentum would move it)
                 alpha.copy_(torch.where(alive, alpha, before))
-        else:  # an overflow in some kernel: skip the step, as AMP's GradScaler does, rather than poison alpha
+        else:  # an overflow (a kernel's, or a gradient grown layer by layer): skip the step, as AMP's GradScaler does,
+            # rather than poison alpha
             bad_run += 1
             replay = dict(run_key=run_key, config=asdict(cfg), step=step, ids=batches[step].clone(), tau=tau,
                           alpha=alpha.detach().cpu(), alive=alive.cpu())  # clone: a view would save every batch

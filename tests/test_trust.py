@@ -108,19 +108,8 @@ def test_a_gradient_that_stays_non_finite_ends_the_search_with_one_clear_error(t
 
 
 class NanGradient(torch.autograd.Function):
-    """Identity forward; a NaN gradient backward: a kernel whose backward overflows."""
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return torch.full_like(g, float("nan"))
-
-
-class NanGradientUnlessEnv(torch.autograd.Function):
-    """Identity forward; a NaN gradient backward unless DASH_TEST_KERNEL=fixed when the backward runs: fla picks
-    the backend of its forward and of its backward each at its own call, from FLA_TILELANG."""
+    """Identity forward; a NaN gradient backward (a kernel whose backward overflows), unless DASH_TEST_KERNEL=fixed
+    when the backward runs: fla picks the backend of its forward and of its backward each at its own call."""
     @staticmethod
     def forward(ctx, x):
         return x.view_as(x)
@@ -132,9 +121,10 @@ class NanGradientUnlessEnv(torch.autograd.Function):
 
 def test_the_replay_names_the_windowed_attention_whose_backward_made_the_nan(tiny, tiny_dir, text_file, monkeypatch):
     """tests/replay_step.py --attention-ab: of the windowed attention calls of a step, the highest-layer one whose
-    output gradient is finite and whose q/k/v gradient is not (on a 3B search: fla's sliding-window backward) is
-    found, and its inputs run again with each kernel say which one is not finite."""
+    output gradient is finite and whose q/k/v gradient is not (on a 3B search: where an overflowing gradient first
+    became NaN) is found, and its inputs run again with each kernel say which one is not finite."""
     import replay_step
+    monkeypatch.delenv("DASH_TEST_KERNEL", raising=False)  # NanGradient's NaN
     model, tok = tiny
     cfg = dash.resolve(tiny_cfg(tiny_dir, text_file), 4)
     mixed(model, cfg)
@@ -159,8 +149,7 @@ def test_the_replay_names_the_windowed_attention_whose_backward_made_the_nan(tin
     assert "not finite: {'dq':" in lines[0] and "relative error" not in lines[0]
     assert lines[1].split()[-1] == "0.00e+00" and "finite; relative error against the reference: y 0.00e+00" in lines[1]
     # a variant's environment holds over its backward too, and is gone after it
-    monkeypatch.delenv("DASH_TEST_KERNEL", raising=False)
-    fixed = lambda q, k, v: reference(NanGradientUnlessEnv.apply(q), k, v)  # noqa: E731
+    fixed = lambda q, k, v: reference(NanGradient.apply(q), k, v)  # noqa: E731
     lines = replay_step.compare(case, [("as is", fixed), ("fixed", fixed, {"DASH_TEST_KERNEL": "fixed"}),
                                        ("sdpa float32 (reference)", reference)])
     assert "not finite: {'dq':" in lines[0] and "finite; relative error" in lines[1]
