@@ -207,12 +207,22 @@ class Mixture(torch.utils.data.IterableDataset):
         task = rng.choices(self.tasks, self.weights)[0]
         essay = er.TASKS[task].get("type_haystack") == "essay" and rng.random() < 0.5  # else the noise haystack
         if not pending.get((task, essay)):  # 8 samples a call amortise make_samples' length search
-            pending[(task, essay)] = er.make_samples(task, self.tok, self.cfg.seq_len, 8, seed=rng.getrandbits(40),
-                                                     haystack=self.haystack(rng) if essay else "noise")
+            pending[(task, essay)] = self.samples(task, essay, rng)
         s = pending[(task, essay)].pop()
         prompt = self.tok.encode(er.build_prompt(s, self.tok), add_special_tokens=False)
         answer = self.tok.encode(er.answer_text(s), add_special_tokens=False) + [self.tok.eos_token_id]
         return prompt + answer, [1.0] * len(prompt) + [self.cfg.answer_weight] * len(answer)
+
+    def samples(self, task: str, essay: bool, rng: random.Random, draws: int = 20) -> list[dict]:
+        """8 samples of a task. About a third of cwe's wonderwords draws do not fit 1024 tokens of this tokenizer
+        (make_samples raises): those are drawn again with a new seed, up to `draws` times."""
+        for draw in range(draws):
+            try:
+                return er.make_samples(task, self.tok, self.cfg.seq_len, 8, seed=rng.getrandbits(40),
+                                       haystack=self.haystack(rng) if essay else "noise")
+            except ValueError:
+                if draw == draws - 1:
+                    raise
 
     def haystack(self, rng: random.Random) -> list[str]:
         """Python source from a random point of a random file (RULER reads its essays from the start)."""

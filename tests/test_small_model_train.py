@@ -129,3 +129,44 @@ def test_python_texts_split_is_fixed_and_disjoint(tmp_path):
     assert "skipped = True\n" not in tr + ho
     tr2, ho2 = train.python_texts(tmp_path, heldout_every=5, max_files=30)
     assert set(tr2) <= set(tr) and set(ho2) <= set(ho) and len(tr2) + len(ho2) == 30
+
+
+def test_a_task_that_does_not_fit_is_drawn_again(smoke, monkeypatch):
+    """About a third of cwe's wonderwords draws do not fit 1024 tokens of the shipped tokenizer: the document is drawn
+    again with a new seed, and a task that never fits still ends with make_samples' error."""
+    out, _ = smoke
+    tok = AutoTokenizer.from_pretrained(out)
+    cfg = train.parse_config(["--tiny"])
+    mix = train.Mixture(cfg, tok, train.encode_stream(tok, ["x = 1\n" * 400]), [er.NOISE * 40], seed=0)
+    real, seeds = er.make_samples, []
+
+    def make_samples(task, *args, seed, **kw):
+        seeds.append(seed)
+        if len(seeds) < 3:
+            raise ValueError(f"{task}: too small")
+        return real("niah_single_1", *args, seed=seed, **kw)
+    monkeypatch.setattr(train.er, "make_samples", make_samples)
+    ids, _ = mix.document(random.Random(0), {})
+    assert ids and len(set(seeds)) == 3
+    monkeypatch.setattr(train.er, "make_samples", lambda task, *a, **k: (_ for _ in ()).throw(ValueError("never")))
+    with pytest.raises(ValueError, match="never"):
+        mix.document(random.Random(0), {})
+
+
+def test_more_text_writes_new_documents_after_the_shipped_file(tmp_path, monkeypatch):
+    """small_model/more_text.py: the shipped file first, unchanged, then documents of new seeds, each file on its own
+    part of the code."""
+    spec = importlib.util.spec_from_file_location("more_text", ROOT / "small_model" / "more_text.py")
+    more = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(more)
+    monkeypatch.setitem(sys.modules, "more_text", more)  # the worker processes find shard() by its module's name
+    code = [f"def f{i}(x):\n    return x + {i}\n" * 100 for i in range(40)]  # haystacks need 2000 characters
+    monkeypatch.setattr(more.train, "python_texts", lambda root, *a, **k: (code, code[:2]))
+    record = more.main(["--out", str(tmp_path), "--tokens", "12000", "--workers", "2", "--extra-code-mb", "0"])
+    assert (tmp_path / "0-search_data.jsonl.gz").read_bytes() == (ROOT / "small_model" / "search_data.jsonl.gz"
+                                                                   ).read_bytes()
+    assert record["new_tokens"] >= 12000 and record["seeds"] == [1, 2]
+    shipped = {json.loads(line)["text"] for line in gzip.open(tmp_path / "0-search_data.jsonl.gz", "rt")}
+    new = [[json.loads(line)["text"] for line in gzip.open(tmp_path / f, "rt")] for f in record["files"]]
+    assert all(new) and not set(new[0]) & set(new[1]) and not (set(new[0]) | set(new[1])) & shipped
+    assert any("needle" in t or "magic" in t for t in new[0])  # RULER-format documents, not code alone
