@@ -1459,6 +1459,24 @@ def load_data(tokenizer, cfg: Config, parts=("held_out", "prep", "search"), fine
     data = {p: batches_of(stream, ranges[p], cfg, seeds[p]) for p in parts}
     return dict(data, record=data_record({p: stream[slice(*ranges[p])] for p in parts}, cfg, ranges))
 
+
+def zero_start_note(model, batches: torch.Tensor) -> str | None:
+    """A note when search sequences (batches: (steps, B, T)) start with a token whose embedding row is exactly zero:
+    a padding row that never trained, or a random-weight model's pad token. At position 0 attention sees only that
+    token; without attention biases (or with zero ones, as at random init) every layer's input there stays exactly
+    zero, and RMSNorm's backward at zero scales the gradient by 1/sqrt(eps) (1000 for eps 1e-6) a layer, so such a
+    step's gradient overflows and the search skips it."""
+    first = batches[..., 0]                                              # (steps, B)
+    tokens = first.unique()
+    weight = model.get_input_embeddings().weight
+    zero = tokens[~weight[tokens.to(weight.device)].any(-1).cpu()]
+    if not len(zero):
+        return None
+    hit = torch.isin(first, zero)
+    return (f"note: {int(hit.sum())} of {first.numel()} search sequences, in {int(hit.any(1).sum())} of {len(first)} "
+            f"steps, start with token {', '.join(map(str, zero.tolist()))}, whose embedding row is all zero: their "
+            f"gradient may overflow, and the search then skips the step (README, Scaling: the non-finite steps)")
+
 # ----------------------------------------------------------------------------- candidate alignment and cache
 # Every cheap operator, in every layer, is trained once to copy that layer's attention output:
 #     nmse_l = |o_proj(op(x_l)) - attn_l(x_l)|^2 / |attn_l(x_l)|^2
@@ -2368,6 +2386,9 @@ def run(cfg: Config) -> dict:
         print(f"note: --tokens {cfg.tokens:,} is less than one step of {cfg.batch_size}x{cfg.seq_len} tokens; "
               f"the search runs one step ({per_batch:,} tokens)")
     data = load_data(tokenizer, cfg)
+    note = zero_start_note(model, data["search"])
+    if note and is_main():
+        print(note)
     cache, state = load_or_prepare(model, names, cfg, data)
     ops = make_ops(model, names, cfg)
     load_candidates(ops, state, cache)

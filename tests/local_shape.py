@@ -36,6 +36,9 @@ def save_model(out: Path, shape: str):
     device = "cuda" if torch.cuda.is_available() else "cpu"  # drawing 3B numbers on a CPU takes minutes
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        # transformers' init zeroes the pad token's row; no trained checkpoint has one, and a sequence that starts
+        # with it overflows the search's gradient (README, Scaling: the non-finite steps)
+        model.get_input_embeddings().weight.data[config.pad_token_id].normal_(0, config.initializer_range)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "SHAPE.txt").write_text(f"random weights of the {shape} shape (tests/benchmark.py SHAPES) with the small "

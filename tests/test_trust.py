@@ -107,6 +107,31 @@ def test_a_gradient_that_stays_non_finite_ends_the_search_with_one_clear_error(t
         dash.search(model, batches, NAMES, cfg)
 
 
+def test_a_sequence_that_starts_with_a_zero_embedding_is_noted_and_is_what_overflows(tiny):
+    """The non-finite steps of the 3B-shaped searches were exactly the steps with a sequence that starts with the pad
+    token, whose embedding row the random init leaves at zero (README, Scaling). At that position every layer's input
+    stays zero, and RMSNorm's backward multiplies the gradient by up to 1/sqrt(eps) a layer."""
+    model, tok = tiny
+    pad, weight = tok.pad_token_id, model.get_input_embeddings().weight
+    assert not weight[pad].any()  # transformers' init zeroes the padding row
+    batches = torch.randint(pad + 1, len(tok), (3, 2, 16), generator=torch.Generator().manual_seed(0))
+    assert dash.zero_start_note(model, batches) is None
+    batches[1, 0, 0] = pad
+    assert f"1 of 6 search sequences, in 1 of 3 steps, start with token {pad}," in dash.zero_start_note(model, batches)
+
+    def gradient_at_the_start(ids):  # largest |dL/dx| at position 0 of layer 0's input
+        x = model.get_input_embeddings()(ids).detach().requires_grad_()
+        model(inputs_embeds=x).logits[:, 1:].log_softmax(-1).mean().backward()
+        return x.grad[:, 0].abs().max().item()
+    ids = batches[1, :1]
+    zero_start = gradient_at_the_start(ids)
+    other_start = gradient_at_the_start(torch.cat([ids[:, 1:2], ids[:, 1:]], 1))
+    assert zero_start > 1e3 * other_start, (zero_start, other_start)
+    with torch.no_grad():
+        weight[pad].normal_(0, 0.02)  # a trained row: nothing to note
+    assert dash.zero_start_note(model, batches) is None
+
+
 class NanGradient(torch.autograd.Function):
     """Identity forward; a NaN gradient backward (a kernel whose backward overflows), unless DASH_TEST_KERNEL=fixed
     when the backward runs: fla picks the backend of its forward and of its backward each at its own call."""
