@@ -291,7 +291,9 @@ def prepare(fcfg: FinetuneConfig):
     ranges = dash.data_ranges(cfg, fcfg.tokens)
     why = (f"held out, preparation and search first, then {fcfg.tokens:,} tokens of finetuning in whole batches "
            f"of {cfg.batch_size}x{cfg.seq_len}, tokens {ranges['finetune'][0]:,} to {ranges['finetune'][1]:,}: "
-           f"lower finetune.py's --tokens, or give more text with --data")
+           f"lower finetune.py's --tokens, or give more text with --data"
+           + ("; for the small teacher, python small_model/more_text.py --out DIR writes more of its text"
+              if dash.is_small_model(fcfg.model) else ""))
     data = dash.load_data(tokenizer, cfg, parts=("held_out", "finetune"), finetune_tokens=fcfg.tokens, why=why)
     if fcfg.epochs > 1:  # (epochs x n, B, T): every pass its own order of the sequences
         seqs = data["finetune"].flatten(0, 1)                                    # (n B, T)

@@ -164,6 +164,13 @@ def test_bad_input_gets_one_clear_message_from_the_cli(tiny_arch, other_tiny_dir
         assert err.strip().splitlines()[-1].startswith("finetune: ") and expect in err, err
 
 
+def test_too_little_text_for_the_small_teacher_names_the_script_that_writes_more(tiny_arch, tmp_path, monkeypatch):
+    monkeypatch.setattr(finetune.dash, "is_small_model", lambda model: True)  # the tiny model stands in for it
+    with pytest.raises(dash.DashError, match=r"small_model/more_text.py --out DIR") as e:
+        finetune.prepare(fcfg_of(tiny_arch, tmp_path, tokens=10 ** 8, lr=1e-3, lr_other=7e-5))
+    assert str(e.value).count("(") == str(e.value).count(")")
+
+
 def test_eval_ruler_scores_the_finetuned_hybrid_and_ga_s2(tiny_arch, tmp_path, monkeypatch):
     import eval_ruler as er
     finetune.run(fcfg_of(tiny_arch, tmp_path / "ft", tokens=256))
