@@ -2067,8 +2067,8 @@ def search(model, batches: torch.Tensor, names: list[str], cfg: Config, alpha0: 
             optimizer.step()
             with torch.no_grad():  # a pruned logit gets no update (Adam's momentum would move it)
                 alpha.copy_(torch.where(alive, alpha, before))
-        else:  # an overflow (a kernel's, or a gradient grown layer by layer): skip the step, as AMP's GradScaler does,
-            # rather than poison alpha
+        else:  # an overflow (e.g. a sequence that starts at a zero embedding: zero_start_note): skip the step, as
+            # AMP's GradScaler does, rather than poison alpha
             bad_run += 1
             replay = dict(run_key=run_key, config=asdict(cfg), step=step, ids=batches[step].clone(), tau=tau,
                           alpha=alpha.detach().cpu(), alive=alive.cpu())  # clone: a view would save every batch
