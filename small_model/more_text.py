@@ -45,11 +45,14 @@ def code_and_texts(extra_mb: float) -> tuple[list[str], np.ndarray, object]:
     return texts, train.encode_stream(tok, texts), tok
 
 
-def shard(args) -> int:
+SHARED = {}  # what every worker reads: set before the pool forks, so the code and texts are not pickled per file
+
+
+def shard(path: Path, tokens: int, seed: int) -> int:
     """One file of about `tokens` tokens: seed (1, 2, ...; the shipped file is seed 0) and its own slice of code."""
-    path, tokens, seed, code, texts, tok = args
     cfg = dataclasses.replace(train.TrainConfig(), seed=seed, search_tokens=tokens)
-    return train.write_search_data(path, cfg, tok, code, texts)
+    code = SHARED["slices"][seed - 1]
+    return train.write_search_data(path, cfg, SHARED["tok"], code, SHARED["texts"])
 
 
 def main(argv=None) -> dict:
@@ -65,10 +68,11 @@ def main(argv=None) -> dict:
     shutil.copyfile(HERE / "search_data.jsonl.gz", out / "0-search_data.jsonl.gz")
     texts, code, tok = code_and_texts(args.extra_code_mb)
     w = args.workers
-    slices = np.array_split(code, w)  # each file walks its own part of the code: no window twice
-    jobs = [(out / f"1-more-{i:02d}.jsonl.gz", args.tokens // w, i + 1, slices[i], texts, tok) for i in range(w)]
+    # each file walks its own part of the code: no window twice
+    SHARED.update(tok=tok, texts=texts, slices=np.array_split(code, w))
+    jobs = [(out / f"1-more-{i:02d}.jsonl.gz", args.tokens // w, i + 1) for i in range(w)]
     with mp.get_context("fork").Pool(w) as pool:
-        counts = pool.map(shard, jobs)
+        counts = pool.starmap(shard, jobs)
     record = dict(command=" ".join(sys.argv), new_tokens=sum(counts), files=[j[0].name for j in jobs], seeds=[
         j[2] for j in jobs], code_tokens=len(code), code_files=len(texts), python=platform.python_version(),
         stdlib=sysconfig.get_paths()["stdlib"], wall_s=round(time.time() - t0, 1))
