@@ -62,6 +62,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", type=int, default=4, help="processes, one file each")
     ap.add_argument("--extra-code-mb", type=float, default=100.0, help="site-packages sample, as train.py's")
     args = ap.parse_args(argv)
+    if not 1 <= args.workers <= args.tokens:
+        ap.error(f"--workers {args.workers}, --tokens {args.tokens}: need 1 <= workers <= tokens")
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -153,7 +153,7 @@ def test_a_task_that_does_not_fit_is_drawn_again(smoke, monkeypatch):
         mix.document(random.Random(0), {})
 
 
-def test_more_text_writes_new_documents_after_the_shipped_file(tmp_path, monkeypatch):
+def test_more_text_writes_new_documents_after_the_shipped_file(tmp_path, monkeypatch, capsys):
     """small_model/more_text.py: the shipped file first, unchanged, then documents of new seeds, each file on its own
     part of the code."""
     spec = importlib.util.spec_from_file_location("more_text", ROOT / "small_model" / "more_text.py")
@@ -170,3 +170,6 @@ def test_more_text_writes_new_documents_after_the_shipped_file(tmp_path, monkeyp
     new = [[json.loads(line)["text"] for line in gzip.open(tmp_path / f, "rt")] for f in record["files"]]
     assert all(new) and not set(new[0]) & set(new[1]) and not (set(new[0]) | set(new[1])) & shipped
     assert any("needle" in t or "magic" in t for t in new[0])  # RULER-format documents, not code alone
+    with pytest.raises(SystemExit):
+        more.main(["--out", str(tmp_path), "--workers", "0"])
+    assert capsys.readouterr().err.splitlines()[-1].endswith("--workers 0, --tokens 20000000: need 1 <= workers <= tokens")
