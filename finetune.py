@@ -11,7 +11,8 @@ The hybrid is dash.build_hybrid's; the teacher is the same model before surgery,
   attn   those, plus the q/k/v/o projections of the cheap layers
   all    every weight but the embeddings and the LM head, with --lr inside attention (operators and projections,
          every layer) and --lr-other outside it (MLPs, norms), as hybrid-distillation's stage 2 (1e-4 and 7e-6)
-The loss is dash's fused chunked KL (no full-vocabulary logits), or with --top-k a decoupled top-k KL.
+The loss is dash's fused chunked KL (no full-vocabulary logits), or with --top-k a decoupled top-k KL; with
+--long-weight each token's KL is weighted by how much the teacher needs the long context to predict it (LongCE).
 Writes <out>/arch.json, the same schema as dash.py's, plus a "finetune" record, and <out>/finetuned.safetensors
 with the trained weights only: build_hybrid() and eval_ruler.py --arch rebuild the finetuned model from them.
 Also here: hybrid-distillation's KL-guided layer selection (GA-S2) at small scale, ga_s2(), for eval_ruler.py.
@@ -57,6 +58,10 @@ class FinetuneConfig:
                                         "hybrid-distillation's stage 2; 7e-5 for the small model, the same ratio)")
     warmup: float = flag(0.05, "share of the steps with linear warm-up; cosine decay to 0 after")
     top_k: int = flag(0, "0: full-vocabulary KL; k > 0: decoupled top-k KL on the teacher's k most likely tokens")
+    long_weight: float = flag(0.0, "0: every token's KL alike; g > 0: weight each token by min(p / p_short, g), p the "
+                                   "teacher's probability of the next token, p_short the teacher's with the "
+                                   "architecture's swa window in every layer (LongCE): tokens that need the long "
+                                   "context count more. 20: more retrieval, a higher KL (README)")
     epochs: int = flag(1, "passes over the finetuning tokens, each in a new order (the small teacher's text holds "
                           "327,680 finetuning tokens: a longer run repeats them)")
     seed: int = flag(0, "seed of the finetuning tokens' order")
@@ -88,6 +93,8 @@ def resolve(fcfg: FinetuneConfig, arch: dict) -> FinetuneConfig:
     if fcfg.tokens < 1 or fcfg.lr <= 0 or fcfg.lr_other < 0 or fcfg.top_k < 0 or not 0 <= fcfg.warmup < 1:
         raise DashError(f"--tokens {fcfg.tokens}, --lr {fcfg.lr}, --lr-other {fcfg.lr_other}, --top-k {fcfg.top_k}, "
                         f"--warmup {fcfg.warmup}: need tokens >= 1, lr > 0, lr-other >= 0, top-k >= 0, 0 <= warmup < 1")
+    if fcfg.long_weight < 0 or (fcfg.long_weight and fcfg.top_k):
+        raise DashError(f"--long-weight {fcfg.long_weight}: 0 (off) or a cap > 0, and not with --top-k")
     if "finetune" in arch:
         raise DashError(f"{fcfg.arch} is already finetuned; finetune the architecture it came from "
                         f"({arch['finetune']['from']}) with more --tokens, or continue a run with --resume")
@@ -133,6 +140,45 @@ def topk_terms(k: int):
 
 def loss_terms(fcfg: FinetuneConfig):
     return dash.kl_terms if fcfg.top_k == 0 else topk_terms(fcfg.top_k)
+
+
+def loss_name(fcfg: FinetuneConfig) -> str:
+    if fcfg.top_k:
+        return f"decoupled top-{fcfg.top_k} KL"
+    return f"KL, tokens weighted by min(p / p_short, {fcfg.long_weight}) (LongCE)" if fcfg.long_weight else "kl"
+
+
+def weighted_terms(weights: torch.Tensor):
+    """dash.kl_terms with token t's KL and its gradient scaled by weights[t], weights (N,) for the N tokens of one
+    ChunkedKL call, which hands over its chunks in order."""
+    seen = [0]
+
+    def weighted(z_student: torch.Tensor, z_teacher: torch.Tensor, n: int):
+        w = weights[seen[0]:seen[0] + len(z_student)]
+        seen[0] += len(z_student)
+        log_q, log_p = F.log_softmax(z_student.float(), -1), F.log_softmax(z_teacher.float(), -1)
+        p = log_p.exp()
+        kl = (p * (log_p - log_q)).sum(-1)                                          # (chunk,)
+        return (w * kl).sum(), ((log_q.exp() - p) * (w / n)[:, None]).to(z_student.dtype)
+    return weighted
+
+
+def next_token_logprob(h: torch.Tensor, ids: torch.Tensor, head, chunk: int) -> torch.Tensor:
+    """log p(ids[t+1] | ids[:t+1]) from final hidden states h (B, T, C): (B, T - 1), a chunk of tokens at a time."""
+    hs, target = h[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
+    out = torch.cat([F.log_softmax(head(hs[i:i + chunk]).float(), -1).gather(-1, target[i:i + chunk, None])[:, 0]
+                     for i in range(0, len(hs), chunk)])
+    return out.view(ids.shape[0], -1)
+
+
+def long_weights(h_teacher, h_short, ids, head, chunk: int, cap: float) -> torch.Tensor:
+    """LongCE's token weights (Fang et al., ICLR 2025), with the frozen teacher as the judge: min(p / p_short, cap),
+    p and p_short the teacher's probability of the next token with all of the context and with a sliding window.
+    A retrieved answer (p ~ 1, p_short ~ 0) gets the cap; a token the window predicts as well gets about 1. The last
+    position (no next token) gets 1; the weights are scaled to mean 1, so the learning rate means the same."""
+    lsd = next_token_logprob(h_teacher, ids, head, chunk) - next_token_logprob(h_short, ids, head, chunk)
+    w = torch.cat([lsd.exp().clamp(max=cap), lsd.new_ones(ids.shape[0], 1)], 1)     # (B, T)
+    return (w / w.mean()).flatten()
 
 
 def held_out_kl(student, teacher, batches: torch.Tensor, chunk: int) -> float:
@@ -224,9 +270,10 @@ def lr_scale(step: int, steps: int, warmup: float) -> float:
 
 
 def distil(student, teacher, batches: torch.Tensor, groups: list[dict], fcfg: FinetuneConfig,
-           checkpoint: Path | None = None, run_key: str = "", desc: str = "finetune") -> dict:
+           checkpoint: Path | None = None, run_key: str = "", desc: str = "finetune", short=None) -> dict:
     """Train the parameters in `groups` on KL(teacher || student) over batches (n, B, T), one step a batch.
-    Returns the loss curve and the wall time; checkpoints every --checkpoint-every steps (and resumes with --resume)."""
+    short: the teacher with a sliding window in every layer, for --long-weight's token weights. Returns the loss curve
+    and the wall time; checkpoints every --checkpoint-every steps (and resumes with --resume)."""
     device, steps = next(student.parameters()).device, len(batches)
     head, terms = student.get_output_embeddings(), loss_terms(fcfg)
     opt = MasterAdamW(groups)
@@ -247,7 +294,10 @@ def distil(student, teacher, batches: torch.Tensor, groups: list[dict], fcfg: Fi
         ids = batches[step].to(device)                                          # (B, T)
         with torch.no_grad():
             h_teacher = dash.final_hidden(teacher, ids)                         # (B, T, C)
-        loss = dash.chunked_kl(dash.final_hidden(student, ids), h_teacher, head, fcfg.kl_chunk, terms)
+            if short is not None:
+                w = long_weights(h_teacher, dash.final_hidden(short, ids), ids, head, fcfg.kl_chunk, fcfg.long_weight)
+        loss = dash.chunked_kl(dash.final_hidden(student, ids), h_teacher, head, fcfg.kl_chunk,
+                               terms if short is None else weighted_terms(w))
         loss.backward()
         scale = lr_scale(step, steps, fcfg.warmup)
         opt.step(scale)
@@ -316,8 +366,10 @@ def run(fcfg: FinetuneConfig) -> tuple[dict, object]:
           f"frozen: {sum(p.numel() for p in student.parameters()) - n_trained:,} weights and the teacher")
     kl_before = held_out_kl(student, teacher, data["held_out"], cfg.kl_chunk)
     arch_sha = hashlib.sha256(Path(fcfg.arch).read_bytes()).hexdigest()
+    # --long-weight's judge of which tokens need the long context: the teacher with swa's window in every layer
+    short = student_of(teacher, ["swa"] * len(arch["layers"]), {}, cfg, check=False) if fcfg.long_weight else None
     result = distil(student, teacher, data["finetune"], groups, fcfg, out / "finetune.ckpt.pt",
-                    finetune_key(fcfg, arch_sha, data["record"]))
+                    finetune_key(fcfg, arch_sha, data["record"]), short=short)
     kl_after = held_out_kl(student, teacher, data["held_out"], cfg.kl_chunk)
     print(f"held-out KL(teacher || hybrid): {kl_before:.4f} -> {kl_after:.4f}")
     from safetensors.torch import save_file
@@ -326,8 +378,8 @@ def run(fcfg: FinetuneConfig) -> tuple[dict, object]:
     record = dict(**{"from": str(Path(fcfg.arch).resolve()), "from_sha256": arch_sha},
                   weights=str(weights), sha256=hashlib.sha256(weights.read_bytes()).hexdigest(),
                   train=fcfg.train, trained=[n for g in groups for n, _ in g["params"]],
-                  lrs=[g["lr"] for g in groups], trained_weights=n_trained, loss="kl" if not fcfg.top_k else
-                  f"decoupled top-{fcfg.top_k} KL", tokens=int(data["finetune"].numel()), epochs=fcfg.epochs,
+                  lrs=[g["lr"] for g in groups], trained_weights=n_trained, loss=loss_name(fcfg),
+                  tokens=int(data["finetune"].numel()), epochs=fcfg.epochs,
                   held_out_kl=dict(before=round(kl_before, 6), after=round(kl_after, 6)),
                   wall_time_s=result["wall_time_s"], data=data["record"], config=asdict(fcfg),
                   versions=dash.versions(), history=result["history"])

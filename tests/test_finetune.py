@@ -138,6 +138,35 @@ def test_topk_kl_at_full_vocabulary_is_the_kl_and_smaller_k_looks_at_the_head():
     assert loss.abs() < 1e-4 and dash.kl_terms(z, zt, 5)[0] > 0.1
 
 
+def test_long_weights_favour_the_tokens_that_need_the_whole_context():
+    g = torch.Generator().manual_seed(0)
+    zs, zt = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g) * 3
+    kl, grad = dash.kl_terms(zs, zt, 3)
+    kl_w, grad_w = finetune.weighted_terms(torch.ones(3))(zs, zt, 3)    # weight 1 everywhere: the KL
+    torch.testing.assert_close((kl_w, grad_w), (kl, grad))
+    kl_w, grad_w = finetune.weighted_terms(torch.tensor([2.0, 0.0, 1.0]))(zs, zt, 3)
+    per_token = [dash.kl_terms(zs[i:i + 1], zt[i:i + 1], 3) for i in range(3)]
+    torch.testing.assert_close(kl_w, 2 * per_token[0][0] + per_token[2][0])
+    torch.testing.assert_close(grad_w, torch.cat([2 * per_token[0][1], 0 * per_token[1][1], per_token[2][1]]))
+    # the head is the identity (hidden states are logits), 8 tokens; ids 0 -> 3 -> 5 -> 1
+    head, ids = torch.nn.Identity(), torch.tensor([[0, 3, 5, 1]])
+    h_teacher, h_short = torch.zeros(1, 4, 8), torch.zeros(1, 4, 8)  # the short model: uniform, p_short = 1/8
+    h_teacher[0, 0, 3] = 20.0     # the teacher is sure of the next token (3) where the window is not: ratio 8
+    h_teacher[0, 2, 4] = 20.0     # the teacher is sure of a wrong one: ratio ~0
+    w = finetune.long_weights(h_teacher, h_short, ids, head, chunk=2, cap=4.0)  # raw: 4 (capped), 1, ~0, 1 (last)
+    torch.testing.assert_close(w, torch.tensor([4.0, 1.0, 0.0, 1.0]) / 1.5, atol=1e-6, rtol=0)
+
+
+def test_long_weighted_finetune_trains_and_records_its_loss(tiny_arch, tmp_path):
+    runs = {g: finetune.run(fcfg_of(tiny_arch, tmp_path / f"lw{g}", tokens=1024, lr=1e-3, long_weight=g))
+            for g in (0.0, 20.0)}
+    plain, weighted = (r[0]["finetune"] for r in runs.values())
+    assert (plain["loss"], weighted["loss"]) == ("kl", "KL, tokens weighted by min(p / p_short, 20.0) (LongCE)")
+    assert weighted["held_out_kl"]["after"] < weighted["held_out_kl"]["before"]
+    moved = [not torch.equal(p, q) for p, q in zip(runs[0.0][1].parameters(), runs[20.0][1].parameters())]
+    assert any(moved)  # the weights changed what was learnt
+
+
 def test_ga_s2_scores_every_layer_with_the_same_tokens(tiny_arch, tmp_path):
     arch, fcfg, cfg, teacher, state, data = finetune.prepare(fcfg_of(tiny_arch, tmp_path, tokens=256))
     result = finetune.ga_s2(teacher, ["gdn", "gla", "gdn", "gla"], state, cfg, data["finetune"], data["held_out"],
@@ -147,13 +176,14 @@ def test_ga_s2_scores_every_layer_with_the_same_tokens(tiny_arch, tmp_path):
 
 
 def test_bad_input_gets_one_clear_message_from_the_cli(tiny_arch, other_tiny_dir, tmp_path):
-    """Through the command line, as a user meets them (the three run side by side: each pays for its imports)."""
+    """Through the command line, as a user meets them (the four run side by side: each pays for its imports)."""
     arch = json.loads(tiny_arch.read_text())
     (tmp_path / "arch.json").write_text(json.dumps(arch))
     (tmp_path / "moved.json").write_text(json.dumps({**arch, "candidate_cache": str(tmp_path / "gone.safetensors")}))
     cases = {"was prepared for something else": ["arch.json", "--model", str(other_tiny_dir)],  # another model's
              "gone.safetensors not found": ["moved.json"],                                      # no candidates
-             "lower finetune.py's --tokens": ["arch.json", "--tokens", str(10 ** 8)]}           # too little text
+             "lower finetune.py's --tokens": ["arch.json", "--tokens", str(10 ** 8)],           # too little text
+             "--long-weight -1.0: 0 (off) or a cap > 0": ["arch.json", "--long-weight", "-1"]}
     runs = {expect: subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), "--device", "cpu", "--arch",
                                       str(tmp_path / arch_name), "--out", str(tmp_path / "out"), *args], cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
