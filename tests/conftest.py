@@ -105,3 +105,23 @@ def plain_kl_and_grad(model, ids, w):
     kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
     kl.backward()
     return kl.detach(), w_ref.grad
+
+
+def rel(a, b) -> float:
+    """Relative error of a against b (Frobenius norms)."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def check_chunked_is_the_recurrence(chunked, recurrent, inputs, scale=0.3):
+    """A chunked form against its token-by-token recurrence: the outputs o and final state S, and the gradients of
+    every input (the last is the initial state) for random output gradients."""
+    ins = [t.detach().clone().requires_grad_() for t in inputs]
+    ref = [t.detach().clone().requires_grad_() for t in inputs]
+    o, S = chunked(*ins[:-1], scale, ins[-1])
+    o_ref, S_ref = recurrent(*ref[:-1], scale, ref[-1])
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+    do, dS = torch.randn_like(o), torch.randn_like(S)
+    ((o * do).sum() + (S * dS).sum()).backward()
+    ((o_ref * do).sum() + (S_ref * dS).sum()).backward()
+    for a, b in zip(ins, ref):
+        assert rel(a.grad, b.grad) < 1e-4

@@ -8,13 +8,9 @@ import torch.nn.functional as F
 
 import dash
 import prepare_candidates
-from conftest import plain_kl_and_grad, tiny_cfg
+from conftest import check_chunked_is_the_recurrence, plain_kl_and_grad, rel, tiny_cfg
 
 NAMES = ["full", "swa", "gla", "gdn"]
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 # ----------------------------------------------------------------------------- operators
@@ -29,16 +25,7 @@ def linear_inputs(B=2, T=63, H=3, K=8, V=5, seed=0):
 def test_gla_chunked_is_the_recurrence(T):
     q, k, v, s0, gen = linear_inputs(T=T)
     g = (F.logsigmoid(torch.randn(q.shape, generator=gen) * 4) / 2).clamp_min(dash.GLA.floor)
-    ins = [t.clone().requires_grad_() for t in (q, k, v, g, s0)]
-    ref = [t.clone().requires_grad_() for t in (q, k, v, g, s0)]
-    o, S = dash.gla_chunked(*ins[:4], 0.3, ins[4])
-    o_ref, S_ref = dash.gla_recurrent(*ref[:4], 0.3, ref[4])
-    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
-    do, dS = torch.randn_like(o), torch.randn_like(S)
-    ((o * do).sum() + (S * dS).sum()).backward()
-    ((o_ref * do).sum() + (S_ref * dS).sum()).backward()
-    for a, b in zip(ins, ref):
-        assert rel(a.grad, b.grad) < 1e-4
+    check_chunked_is_the_recurrence(dash.gla_chunked, dash.gla_recurrent, (q, k, v, g, s0))
 
 
 @pytest.mark.parametrize("T", [1, 15, 63, 130])
@@ -47,16 +34,7 @@ def test_gdn_chunked_is_the_recurrence(T):
     q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     g = F.logsigmoid(torch.randn(q.shape[:3], generator=gen) * 2)
     beta = torch.rand(q.shape[:3], generator=gen)
-    ins = [t.clone().requires_grad_() for t in (q, k, v, g, beta, s0)]
-    ref = [t.clone().requires_grad_() for t in (q, k, v, g, beta, s0)]
-    o, S = dash.gdn_chunked(*ins[:5], 0.3, ins[5])
-    o_ref, S_ref = dash.gdn_recurrent(*ref[:5], 0.3, ref[5])
-    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
-    do, dS = torch.randn_like(o), torch.randn_like(S)
-    ((o * do).sum() + (S * dS).sum()).backward()
-    ((o_ref * do).sum() + (S_ref * dS).sum()).backward()
-    for a, b in zip(ins, ref):
-        assert rel(a.grad, b.grad) < 1e-4
+    check_chunked_is_the_recurrence(dash.gdn_chunked, dash.gdn_recurrent, (q, k, v, g, beta, s0))
 
 
 def test_the_delta_rule_recalls_what_it_wrote():

@@ -10,10 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import dash
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+from conftest import check_chunked_is_the_recurrence, rel
 
 
 def layer_input(model, layer=1, B=2, T=40, seed=0, cache=None):
@@ -64,16 +61,7 @@ def rwkv7_inputs(B=2, T=63, H=3, K=8, V=5, seed=0):
 
 @pytest.mark.parametrize("T", [1, 15, 63, 130])
 def test_rwkv7_chunked_is_the_recurrence(T):
-    ins = [t.requires_grad_() for t in rwkv7_inputs(T=T)]
-    ref = [t.detach().clone().requires_grad_() for t in ins]
-    o, S = dash.rwkv7_chunked(*ins[:6], 0.3, ins[6])
-    o_ref, S_ref = dash.rwkv7_recurrent(*ref[:6], 0.3, ref[6])
-    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
-    do, dS = torch.randn_like(o), torch.randn_like(S)
-    ((o * do).sum() + (S * dS).sum()).backward()
-    ((o_ref * do).sum() + (S_ref * dS).sum()).backward()
-    for a, b in zip(ins, ref):
-        assert rel(a.grad, b.grad) < 1e-4
+    check_chunked_is_the_recurrence(dash.rwkv7_chunked, dash.rwkv7_recurrent, rwkv7_inputs(T=T))
 
 
 def fla_naive(path: str):

@@ -15,14 +15,10 @@ import pytest
 import torch
 
 import dash
-from conftest import make_model_dir, tiny_cfg
+from conftest import make_model_dir, rel, tiny_cfg
 
 NAMES = ["full", "swa", "gla", "gdn"]
 ROOT = Path(dash.__file__).parent
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def mixed(model, cfg, names=NAMES, noise=0.0):
