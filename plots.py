@@ -4,6 +4,7 @@
     python plots.py ruler results/ruler-small/results.json           # -> results/ruler-small/results.png
     python plots.py placements small_model/study-swa-k2.json --dash 4,6   # -> small_model/study-swa-k2.png
     python plots.py scaling results/scaling.json                     # -> results/scaling.png
+    python plots.py finetune A/results.json B/results.json --out f.png  # needles against finetuning tokens
 
 Every figure is a pure function of plain dicts and lists (the JSON the other scripts write), so this module
 imports nothing of dash or eval_ruler and sits below both. matplotlib is optional: without it each function
@@ -12,6 +13,7 @@ prints one note per process and returns None, and the run that called it goes on
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -297,6 +299,56 @@ def scaling_figure(rows: list[dict], path) -> str | None:
     ax.legend()
     return _save(fig, path)
 
+# ----------------------------------------------------------------------------- finetuning curves
+
+
+def needles(row: dict) -> float:
+    """The mean of a RULER row's niah tasks (every length it holds)."""
+    scores = [v for k, v in row.items() if k.startswith("niah_")]
+    if not scores:
+        raise ValueError("the row has no niah task")
+    return sum(scores) / len(scores)
+
+
+def finetune_point(results: dict) -> dict:
+    """One finetuned hybrid's RULER file (eval_ruler.py --arch <finetuned>/arch.json) as a point of the curve:
+    its finetuning tokens, the recipe that makes its line (the loss; distinct text, or passes over the same), its
+    needles and the teacher's."""
+    ft = results["finetune"]
+    cap = re.search(r"min\(p / p_short, ([\d.]+)\)", ft["loss"])
+    loss = f"LongCE-weighted KL (--long-weight {float(cap[1]):g})" if cap else \
+        "KL" if ft["loss"] == "kl" else ft["loss"]
+    text = f"passes over {ft['tokens'] // ft['epochs']:,} tokens" if ft["epochs"] > 1 else "distinct tokens"
+    return dict(tokens=ft["tokens"], line=f"{loss}, {text}", passes=ft["epochs"],
+                needles=needles(results["results"]["dash"]), teacher=needles(results["results"]["teacher"]))
+
+
+def finetune_figure(runs: list[dict], path, title: str = "") -> str | None:
+    """Needles against finetuning tokens (log scale), one line per recipe, the teacher's needles and 70% of them.
+    runs: eval_ruler's results.json of finetuned hybrids (each with its "finetune" record)."""
+    plt = matplotlib_or_none()
+    if plt is None:
+        return None
+    points = [finetune_point(r) for r in runs]
+    lines: dict[str, list[dict]] = {}
+    for pt in sorted(points, key=lambda q: q["tokens"]):
+        lines.setdefault(pt["line"], []).append(pt)
+    teacher = max(pt["teacher"] for pt in points)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.axhline(teacher, color=HIGHLIGHT["teacher"], lw=1, label=f"teacher ({teacher:.1f})")
+    ax.axhline(0.7 * teacher, color="grey", ls="--", lw=1, label="70% of the teacher's")
+    for name, pts in lines.items():
+        xs, ys = [q["tokens"] for q in pts], [q["needles"] for q in pts]
+        ax.plot(xs, ys, "o-", label=name)
+        for q in pts:
+            note = f"{q['needles']:.1f}" + (f" ({q['passes']} passes)" if q["passes"] > 1 else "")
+            ax.annotate(note, (q["tokens"], q["needles"]), xytext=(5, -12), textcoords="offset points", fontsize=8)
+    ax.set_xscale("log")
+    ax.set(xlabel="finetuning tokens", ylabel="needles (mean of the niah tasks, %)", ylim=(0, 105),
+           title=title or "RULER needles after finetuning, against the tokens")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: the points stay clear
+    return _save(fig, path)
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -312,22 +364,32 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
     for what, help in (("search", "dash.py's arch.json (with its history)"), ("ruler", "eval_ruler's results.json"),
-                       ("placements", "small_model/study-*.json"), ("scaling", "a JSON list of {gpus, tokens_per_s}")):
+                       ("placements", "small_model/study-*.json"), ("scaling", "a JSON list of {gpus, tokens_per_s}"),
+                       ("finetune", "eval_ruler's results.json of finetuned hybrids, one or more")):
         p = sub.add_parser(what, help=help)
-        p.add_argument("json", help=help)
-        p.add_argument("--out", help="the PNG (default: beside the JSON)")
+        p.add_argument("json", help=help, nargs="+" if what == "finetune" else None)
+        p.add_argument("--out", help="the PNG (default: beside the (first) JSON)")
         if what == "placements":
             p.add_argument("--dash", type=layer_list, help="DASH's full-attention layers, e.g. 4,6")
             p.add_argument("--polished", type=layer_list, help="the polished pick's layers")
-        if what in ("placements", "ruler"):
+        if what in ("placements", "ruler", "finetune"):
             p.add_argument("--title", default="", help="instead of the default title")
     args = ap.parse_args(argv)
-    src = Path(args.json)
+    sources = [Path(f) for f in (args.json if args.what == "finetune" else [args.json])]
+    src = sources[0]
     try:
-        data = json.loads(src.read_text())
-        default = {"search": "search.png", "ruler": "results.png"}.get(args.what, src.stem + ".png")
-        out = args.out or str(src.with_name(default))
-        if args.what == "search":
+        datas = []
+        for src in sources:  # `src` names the file at fault in an error below
+            datas.append(json.loads(src.read_text()))
+        data = datas[0]
+        default = {"search": "search.png", "ruler": "results.png", "finetune": "finetune.png"}.get(
+            args.what, src.stem + ".png")
+        out = args.out or str(sources[0].with_name(default))
+        if args.what == "finetune":
+            for src, d in zip(sources, datas):  # check each file before drawing
+                finetune_point(d)
+            made = finetune_figure(datas, out, args.title)
+        elif args.what == "search":
             made = search_figure(data.get("history", []), data["candidates"], data["full_layers"], out,
                                  data.get("polished_full_layers"))
         elif args.what == "ruler":

@@ -18,6 +18,9 @@ PNG = b"\x89PNG\r\n\x1a\n"
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
 STUDY_K2 = ROOT / "small_model" / "study-swa-k2.json"
 RULER = ROOT / "results" / "ruler-small-h100" / "results.json"
+FINETUNED = [ROOT / "results" / d / "results.json" for d in (   # finetuned hybrids' RULER files
+    "finetune-small-h200/ruler-default", "finetune-small-h200/ruler-rep16", "finetune-small-h200/ruler-fresh5m",
+    "finetune-small-h200-longce/ruler-fresh5m-lw20")]
 
 
 def assert_png(path):
@@ -111,6 +114,23 @@ def test_scaling_figure(tmp_path):
     assert_png(plots.scaling_figure(rows, tmp_path / "scaling.png"))
 
 
+def test_finetune_points_name_their_recipe_and_count_the_needles():
+    default, rep16, fresh, longce = (plots.finetune_point(json.loads(f.read_text())) for f in FINETUNED)
+    assert (default["tokens"], default["line"], default["passes"]) == (163_840, "KL, distinct tokens", 1)
+    assert (rep16["tokens"], rep16["line"], rep16["passes"]) == (5_242_880, "KL, passes over 327,680 tokens", 16)
+    assert fresh["line"] == default["line"] and fresh["tokens"] == 5_242_880
+    assert longce["line"] == "LongCE-weighted KL (--long-weight 20), distinct tokens"
+    assert round(default["needles"], 1) == 25.9 and round(longce["needles"], 1) == 73.8  # the README's table
+    assert plots.needles({"niah_a@1024": 50.0, "niah_b@1024": 100.0, "vt@1024": 0.0, "avg": 50.0}) == 75.0
+    with pytest.raises(ValueError, match="no niah task"):
+        plots.needles({"vt@1024": 1.0})
+
+
+@needs_matplotlib
+def test_finetune_figure(tmp_path):
+    assert_png(plots.finetune_figure([json.loads(f.read_text()) for f in FINETUNED], tmp_path / "f.png"))
+
+
 def test_without_matplotlib_every_figure_is_none_and_one_note(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
@@ -121,8 +141,9 @@ def test_without_matplotlib_every_figure_is_none_and_one_note(tmp_path, monkeypa
             plots.ruler_figure({"teacher": {"a@1": 1.0, "avg": 1.0}}, tmp_path / "r.png", {}),
             plots.placement_figure(study, tmp_path / "p.png", dash_pick=[4, 6]),
             plots.scaling_figure([{"gpus": 1, "tokens_per_s": 1.0}], tmp_path / "g.png"),
+            plots.finetune_figure([json.loads(FINETUNED[0].read_text())], tmp_path / "f.png"),
             plots.matplotlib_or_none()]
-    assert made == [None] * 5
+    assert made == [None] * 6
     assert list(tmp_path.iterdir()) == []
     captured = capsys.readouterr()
     assert (captured.out + captured.err).count(plots.NOTE) == 1
@@ -149,6 +170,9 @@ def test_cli(tmp_path):
     p = run_cli("search", str(arch))
     assert p.returncode == 0, p.stderr
     assert_png(tmp_path / "search.png")
+    p = run_cli("finetune", *map(str, FINETUNED), "--out", str(tmp_path / "finetune.png"))
+    assert p.returncode == 0, p.stderr
+    assert_png(tmp_path / "finetune.png")
 
 
 @needs_matplotlib
@@ -156,6 +180,7 @@ def test_cli(tmp_path):
     (("placements", str(STUDY_K2), "--dash", "4,9"), "not in the study"),
     (("placements", "no/such.json"), "No such file"),
     (("search", str(STUDY_K2)), "has no key 'candidates'"),
+    (("finetune", str(FINETUNED[0]), str(RULER)), f"{RULER} has no key 'finetune'"),   # a hybrid not finetuned
     (("placements", str(STUDY_K2), "--dash", "four"), "expected layers like 4,6"),
 ])
 def test_cli_bad_inputs_one_line_no_traceback(args, message):
