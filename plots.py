@@ -383,7 +383,7 @@ def main(argv=None) -> None:
             datas.append(json.loads(src.read_text()))
         data = datas[0]
         default = {"search": "search.png", "ruler": "results.png", "finetune": "finetune.png"}.get(
-            args.what, src.stem + ".png")
+            args.what, sources[0].stem + ".png")
         out = args.out or str(sources[0].with_name(default))
         if args.what == "finetune":
             for src, d in zip(sources, datas):  # check each file before drawing
