@@ -279,7 +279,7 @@ def placement_figure(study: dict, path, dash_pick=None, polished_pick=None, titl
 # ----------------------------------------------------------------------------- scaling
 
 
-def scaling_figure(rows: list[dict], path) -> str | None:
+def scaling_figure(rows: list[dict], path, title: str = "") -> str | None:
     """Search tokens/s against the number of GPUs, with the ideal (linear from the smallest run) line.
     rows: [{"gpus": 1, "tokens_per_s": 16800.0}, {"gpus": 2, "tokens_per_s": 32000.0}, ...]"""
     plt = matplotlib_or_none()
@@ -294,7 +294,7 @@ def scaling_figure(rows: list[dict], path) -> str | None:
     for g, t, i in zip(gpus, tps, ideal):  # scaling efficiency beside each point
         ax.annotate(f"{t / i:.0%}", (g, t), xytext=(4, -12), textcoords="offset points", fontsize=8)
     ax.set_xticks(gpus)
-    ax.set(xlabel="GPUs", ylabel="tokens/s", title="Search throughput against GPUs",
+    ax.set(xlabel="GPUs", ylabel="tokens/s", title=title or "Search throughput against GPUs",
            ylim=(0, max(ideal + tps) * 1.1))
     ax.legend()
     return _save(fig, path)
@@ -372,7 +372,7 @@ def main(argv=None) -> None:
         if what == "placements":
             p.add_argument("--dash", type=layer_list, help="DASH's full-attention layers, e.g. 4,6")
             p.add_argument("--polished", type=layer_list, help="the polished pick's layers")
-        if what in ("placements", "ruler", "finetune"):
+        if what in ("placements", "ruler", "finetune", "scaling"):
             p.add_argument("--title", default="", help="instead of the default title")
     args = ap.parse_args(argv)
     sources = [Path(f) for f in (args.json if args.what == "finetune" else [args.json])]
@@ -397,7 +397,7 @@ def main(argv=None) -> None:
         elif args.what == "placements":
             made = placement_figure(data, out, args.dash, args.polished, args.title)
         else:
-            made = scaling_figure(data, out)
+            made = scaling_figure(data, out, args.title)
     except KeyError as e:  # a bad file or pick: one line, no traceback
         raise SystemExit(f"plots: {src} has no key {e} (is it a {args.what} file?)")
     except (OSError, ValueError) as e:

@@ -173,6 +173,11 @@ def test_cli(tmp_path):
     p = run_cli("finetune", *map(str, FINETUNED), "--out", str(tmp_path / "finetune.png"))
     assert p.returncode == 0, p.stderr
     assert_png(tmp_path / "finetune.png")
+    rows = tmp_path / "scaling.json"
+    rows.write_text(json.dumps([{"gpus": 1, "tokens_per_s": 17827}, {"gpus": 2, "tokens_per_s": 34579}]))
+    p = run_cli("scaling", str(rows), "--title", "two H200s")
+    assert p.returncode == 0, p.stderr
+    assert_png(tmp_path / "scaling.png")
 
 
 @needs_matplotlib
