@@ -477,6 +477,37 @@ def test_compiled_layers_give_the_same_mixture_and_gradient(tiny, text_file, tin
     assert (results[0][2][choice].abs() > 1e-9).all()  # every operator with a choice left has a gradient to compare
 
 
+def test_a_step_that_still_runs_pruned_operators_at_weight_zero_is_the_pruned_step(tiny, text_file, tiny_dir):
+    """--cuda-graph keeps replaying a graph captured before some operators were pruned (graph_covers): those run at
+    weight exactly 0. The KL and the remaining operators' dKL/dw are then the step that runs only what is left."""
+    model, _ = tiny
+    cfg = dash.resolve(tiny_cfg(tiny_dir, text_file, kl_chunk=16), 4)
+    mixed(model, cfg)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    alive = torch.ones(4, 4, dtype=torch.bool)
+    alive[0, 1] = alive[2, 0] = alive[3, 2] = alive[3, 3] = False
+    w = dash.masked_softmax(torch.randn(4, 4, generator=torch.Generator().manual_seed(1)), alive, 1.0)
+    kl, g = dash.kl_and_grad(model, ids, w, alive.tolist(), cfg)
+    kl_all, g_all = dash.kl_and_grad(model, ids, w, [[True] * 4] * 4, cfg)
+    assert torch.allclose(kl_all, kl, rtol=1e-6), (kl_all, kl)
+    assert torch.allclose(g_all[alive], g[alive], rtol=1e-5, atol=1e-9), (g_all - g)[alive].abs().max()
+    assert (g[~alive] == 0).all() and (g_all[~alive] != 0).all()  # graphed() zeroes these: they did not run
+
+
+@pytest.mark.parametrize("graph, active, grad, covers", [
+    (None, [[True, True]] * 4, "exact", False),                                   # nothing captured yet
+    ([[True, True]] * 4, [[True, True]] * 4, "exact", True),                      # the same operators
+    ([[True, True]] * 4, [[True, True]] * 4, "teacher", True),
+    ([[True, True]] * 4, [[True, False]] + [[True, True]] * 3, "exact", True),    # 1 of 8 pruned: under the slack
+    ([[True, True]] * 4, [[True, False]] * 2 + [[True, True]] * 2, "exact", False),  # 2 of 8: a new capture
+    ([[True, True]] * 4, [[True, False]] + [[True, True]] * 3, "teacher", False),  # the backward depends on it
+    ([[True, False]] + [[True, True]] * 3, [[True, True]] * 4, "exact", False),   # an operator the graph lacks
+])
+def test_a_cuda_graph_runs_on_after_pruning_while_little_of_it_is_pruned(graph, active, grad, covers):
+    assert dash.GRAPH_SLACK == 0.25
+    assert dash.graph_covers(graph, active, grad) is covers
+
+
 def test_the_small_teacher_is_known_by_its_config_in_a_copy(tmp_path, tiny_dir):
     """A copy of the project (an export, a second checkout) gets the small model's defaults too."""
     import shutil

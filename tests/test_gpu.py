@@ -239,7 +239,8 @@ def test_compiled_layers_match_eager_on_the_fla_path():
 ])
 def test_cuda_graph_step_matches_the_launched_step(names, compiled, micro, recompute):
     """--cuda-graph: the step captured once and replayed gives the KL and dKL/dw of the step launched kernel by
-    kernel, on new tokens and probabilities (replay), and again after the active set changes (a new capture)."""
+    kernel, on new tokens and probabilities (replay); after one operator is pruned (the same graph, running it at
+    weight 0: graph_covers); and after more are (a new capture)."""
     model = qwen3b(layers=2)
     cfg = dash.Config(window=512, kernels="fla", micro_batch=micro)
     dash.install(model, dash.make_ops(model, names, cfg))
@@ -248,17 +249,20 @@ def test_cuda_graph_step_matches_the_launched_step(names, compiled, micro, recom
     terms = torch.compile(dash.kl_terms, dynamic=False) if compiled else dash.kl_terms
     step = dash.graphed(dash.kl_and_grad)
     gen = torch.Generator().manual_seed(0)
-    for collapse in (False, False, True):  # the first capture, a replay, then swa leaves: a second capture
+    # the first capture, a replay, swa leaves layer 0 (the same graph), swa leaves layer 1 too (a second capture)
+    for pruned, captures in ((0, 1), (0, 1), (1, 1), (2, 2)):
         ids = torch.randint(0, 151936, (2, 2048), generator=gen).cuda()
         alpha = torch.randn(2, len(names), generator=gen)
-        if collapse:
-            alpha[:, 1] = -30
-        w = alpha.softmax(-1).cuda()
-        active = (w > 1e-3).tolist()
+        alpha[:pruned, 1] = -30
+        alive = alpha > -30
+        w = dash.masked_softmax(alpha, alive, 1.0).cuda()  # exactly 0 where pruned, as search() gives it
+        active = alive.tolist()
         kl, g = dash.kl_and_grad(model, ids, w, active, cfg, terms)
         kl_g, g_g = step(model, ids, w, active, cfg, terms)
-        assert rms_err(kl_g, kl) < 1e-2 and rms_err(g_g, g) < TOL["grad"], (collapse, rms_err(kl_g, kl),
+        assert step.captures == captures
+        assert rms_err(kl_g, kl) < 1e-2 and rms_err(g_g, g) < TOL["grad"], (pruned, rms_err(kl_g, kl),
                                                                           rms_err(g_g, g))
+        assert (g_g[~alive.cuda()] == 0).all()
     dash.recompute_mlp(model, on=False)
     dash.compile_layers(model, on=False)
     dash.restore_teacher(model)
