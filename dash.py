@@ -2396,6 +2396,7 @@ def run(cfg: Config) -> dict:
                         "step, which a graph cannot replay; use one of the two")
     if cfg.cuda_graph and not device.startswith("cuda"):
         raise DashError("--cuda-graph: CUDA graphs need a CUDA GPU; drop --cuda-graph on a CPU")
+    t0 = time.time()
     device = init_distributed(device)
     torch.manual_seed(cfg.seed)
     # --fsdp: the whole teacher may not fit one GPU: load it on the CPU, then each rank moves its shard over
@@ -2410,11 +2411,14 @@ def run(cfg: Config) -> dict:
     if cfg.tokens < per_batch:
         print(f"note: --tokens {cfg.tokens:,} is less than one step of {cfg.batch_size}x{cfg.seq_len} tokens; "
               f"the search runs one step ({per_batch:,} tokens)")
+    phase_s = dict(load=time.time() - t0)  # where an end-to-end run's time goes, recorded in arch.json
     data = load_data(tokenizer, cfg)
+    phase_s["data"] = time.time() - t0 - sum(phase_s.values())
     note = zero_start_note(model, data["search"])
     if note and is_main():
         print(note)
     cache, state = load_or_prepare(model, names, cfg, data)
+    phase_s["candidates"] = time.time() - t0 - sum(phase_s.values())
     ops = make_ops(model, names, cfg)
     load_candidates(ops, state, cache)
     install(model, ops)
@@ -2426,18 +2430,22 @@ def run(cfg: Config) -> dict:
         raise DashError(f"--resume: no checkpoint at {checkpoint} (a search saves one every --checkpoint-every "
                         f"steps into --out)")
     result = search(model, data["search"], names, cfg, checkpoint=checkpoint, run_key=run_key(cfg, data, cache))
+    phase_s["search"] = time.time() - t0 - sum(phase_s.values())
     relaxed = choose_layers(result["probs"], names, cfg.k, cfg.threshold)
     polished = polish(model, result["probs"], names, relaxed, data["held_out"], cfg) if cfg.polish else None
+    phase_s["polish"] = time.time() - t0 - sum(phase_s.values())
     compile_layers(model, on=False)  # the check below generates: new shapes every token, eager is better there
     recompute_mlp(model, on=False)
     arch = export(result, names, cfg, cache, data, polished)
+    arch["phase_s"] = {k: round(v, 1) for k, v in phase_s.items()}
     if not is_main():  # the same result on every rank (check_replicated): rank 0 writes and checks it
         return arch
     out.mkdir(parents=True, exist_ok=True)
     (out / "arch.json").write_text(json.dumps(arch, indent=1))
     checkpoint.unlink(missing_ok=True)
     print(f"full attention in layers {arch['full_layers']}; architecture: {' '.join(arch['layers'])}")
-    print(f"wrote {out / 'arch.json'} ({arch['tokens']:,} tokens, {arch['wall_time_s']} s)")
+    print(f"wrote {out / 'arch.json'} ({arch['tokens']:,} tokens, {arch['wall_time_s']} s; seconds by phase: "
+          f"{', '.join(f'{k} {v}' for k, v in arch['phase_s'].items())})")
     if plots.search_figure(arch["history"], names, arch["relaxed"]["full_layers"], out / "search.png",
                            polished_layers=arch["full_layers"]):
         print(f"wrote {out / 'search.png'}")
@@ -2446,6 +2454,7 @@ def run(cfg: Config) -> dict:
               "run eval_ruler.py on the architecture where it fits")
     elif cfg.check_samples:
         arch["retrieval_check"] = retrieval_check(model, tokenizer, arch, state, cfg)
+        arch["phase_s"]["check"] = round(time.time() - t0 - sum(phase_s.values()), 1)
         (out / "arch.json").write_text(json.dumps(arch, indent=1))
     return arch
 

@@ -237,6 +237,8 @@ def test_cli_end_to_end_writes_an_architecture_that_builds_a_working_hybrid(tiny
     assert len(arch["layers"]) == 4 and arch["layers"].count("full") == 1
     assert all(n in NAMES for n in arch["layers"]) and len(arch["probabilities"]) == 4
     assert arch["config"]["seed"] == 0 and arch["wall_time_s"] >= 0 and arch["candidate_cache"] == str(cache)
+    assert list(arch["phase_s"]) == ["load", "data", "candidates", "search", "polish"]  # no check: 0 samples
+    assert arch["phase_s"]["search"] >= arch["wall_time_s"] - 0.1 and arch["graph_captures"] is None
     p_full = torch.tensor(arch["probabilities"])[:, 0]
     assert arch["relaxed"]["full_layers"] == [int(p_full.argmax())]
     model, tok = dash.build_hybrid(out / "arch.json")
