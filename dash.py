@@ -1396,15 +1396,30 @@ def read_texts(spec: str):
 TOO_SHORT = "held out, preparation and search together: lower --tokens or --prep-tokens, or give more text"
 
 
+def text_batches(texts, need: int):
+    """Documents in lists, each closed once it holds 1M characters, or 2 x need for a small need (a token is rarely
+    under 2 characters): one tokenizer call per list, which a fast tokenizer spreads over the cores, and little
+    text read past the need."""
+    batch, size = [], 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= min(1_000_000, 2 * need):
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 def token_stream(tokenizer, spec: str, need: int, why: str | None = None) -> torch.Tensor:
     """The first `need` tokens of the documents, each followed by EOS: (need,) int64. why: what needs them and what
     to do about it, for the error when the text is too short (default: TOO_SHORT)."""
     ids, eos = [], tokenizer.eos_token_id
     with tqdm(total=need, desc="tokenizing", unit="tok", leave=False, disable=not is_main()) as bar:
-        for text in read_texts(spec):
-            new = tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-            ids += new
-            bar.update(min(len(new), need - bar.n))
+        for texts in text_batches(read_texts(spec), need):
+            for new in tokenizer(texts, add_special_tokens=False)["input_ids"]:  # a fast tokenizer: on every core
+                ids += new + ([eos] if eos is not None else [])
+            bar.update(min(len(ids), need) - bar.n)
             if len(ids) >= need:
                 break
     if len(ids) < need:

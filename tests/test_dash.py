@@ -400,6 +400,23 @@ def test_data_reads_txt_jsonl_and_gz(tmp_path, tiny):
                                         tokens=32_000))
 
 
+@pytest.mark.parametrize("need", [100, 5_000, None])  # None: past the first list of documents (1M characters)
+def test_the_token_stream_is_each_document_tokenized_alone_then_eos(tiny, need):
+    """token_stream tokenizes lists of documents in one call each (text_batches): the same tokens as one document
+    at a time, each followed by EOS, cut at the need."""
+    _, tok = tiny
+    spec = str(dash.SMALL_MODEL / "search_data.jsonl.gz")
+    docs = [tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for text in dash.read_texts(spec)]
+    first = list(dash.text_batches(dash.read_texts(spec), 10**9))[0]  # the first list when the need is large
+    need = need or sum(map(len, docs[:len(first)])) + 1000
+    ref = [t for d in docs for t in d][:need]
+    assert len(ref) == need and torch.equal(dash.token_stream(tok, spec, need), torch.tensor(ref))
+    batches = list(dash.text_batches(dash.read_texts(spec), need))
+    assert [d for b in batches for d in b] == list(dash.read_texts(spec))  # every document once, in order
+    assert all(sum(map(len, b[:-1])) < min(1_000_000, 2 * need) for b in batches)  # a list closes at its limit
+    assert len(first) < len(docs) and sum(map(len, first)) >= 1_000_000
+
+
 def test_teacher_gradient_mode_same_values_exact_last_layer_and_no_op_graph(tiny, text_file, tiny_dir):
     """--grad teacher: the same forward values; the last layer's logit gradient is exact (nothing lies above it);
     earlier layers' differ (they see the teacher's Jacobian instead of the mixture's)."""
