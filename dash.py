@@ -1642,7 +1642,9 @@ def align(model, names: list[str], cfg: Config, data: dict, path: Path, fp: dict
         print(f"resuming from {partial} at step {start}")
     else:
         calibrate(model, ops, train[0].to(device))
+        t_before = time.time()
         before = alignment_loss(model, ops, held_out)
+    held_out_s = time.time() - t_before if start == 0 else 0.0  # the held-out report's share of the wall time
     attns, curve, step_times = teacher_attention(model), [], []
     for step in tqdm(range(start, steps), desc="align", unit="step", initial=start, total=steps, disable=not is_main()):
         seen = capture(model, share(train[step]).to(device))
@@ -1685,8 +1687,11 @@ def align(model, names: list[str], cfg: Config, data: dict, path: Path, fp: dict
                                  optimizer=optimizer.state_dict(), sched=sched.state_dict(), before=before), partial)
     if optimizer and split:
         sync_layers(ops, optimizer, steps)
+    t_after = time.time()
     after = alignment_loss(model, ops, held_out, observe=True)
+    held_out_s += time.time() - t_after
     report = dict(fingerprint=fp, data=data["record"], wall_time_s=round(time.time() - t0, 1), device=str(device),
+                  held_out_s=round(held_out_s, 1),
                   world_size=world(), per_rank_batch=cfg.batch_size // world(), layer_split=split,
                   curve=[round(c, 5) for c in curve], step_times=step_times,
                   trained=[n for n in names if trainable(ops[0][n])],
