@@ -1639,12 +1639,13 @@ def align(model, names: list[str], cfg: Config, data: dict, path: Path, fp: dict
         optimizer.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["sched"])
         start, t0, before = ck["step"], time.time() - ck["elapsed"], ck["before"]
+        held_out_s = 0.0  # the held-out report's seconds (before and after alignment): its share of the wall time
         print(f"resuming from {partial} at step {start}")
     else:
         calibrate(model, ops, train[0].to(device))
         t_before = time.time()
         before = alignment_loss(model, ops, held_out)
-    held_out_s = time.time() - t_before if start == 0 else 0.0  # the held-out report's share of the wall time
+        held_out_s = time.time() - t_before
     attns, curve, step_times = teacher_attention(model), [], []
     for step in tqdm(range(start, steps), desc="align", unit="step", initial=start, total=steps, disable=not is_main()):
         seen = capture(model, share(train[step]).to(device))
@@ -1990,8 +1991,10 @@ def graph_covers(graph: list | None, active: list, grad: str) -> bool:
     Qwen2.5-3B shape, 4 GPUs), and each new graph costs about 2 s (two warm-up steps, recompiled layers, a capture)
     where a pruned operator costs a fraction of a percent of a step: with the slack, a handful of captures.
     --grad teacher captures at every change: whether a layer's full attention is active decides its backward."""
-    if graph is None or graph == active:
-        return graph is not None
+    if graph is None:
+        return False
+    if graph == active:
+        return True
     pairs = [(g, a) for g_l, a_l in zip(graph, active) for g, a in zip(g_l, a_l)]
     if grad != "exact" or any(a and not g for g, a in pairs):
         return False
@@ -2431,14 +2434,18 @@ def run(cfg: Config) -> dict:
     if cfg.tokens < per_batch:
         print(f"note: --tokens {cfg.tokens:,} is less than one step of {cfg.batch_size}x{cfg.seq_len} tokens; "
               f"the search runs one step ({per_batch:,} tokens)")
-    phase_s = dict(load=time.time() - t0)  # where an end-to-end run's time goes, recorded in arch.json
+    phase_s = {}  # where an end-to-end run's time goes, recorded in arch.json
+
+    def since() -> float:  # seconds since the end of the last phase
+        return time.time() - t0 - sum(phase_s.values())
+    phase_s["load"] = since()
     data = load_data(tokenizer, cfg)
-    phase_s["data"] = time.time() - t0 - sum(phase_s.values())
+    phase_s["data"] = since()
     note = zero_start_note(model, data["search"])
     if note and is_main():
         print(note)
     cache, state = load_or_prepare(model, names, cfg, data)
-    phase_s["candidates"] = time.time() - t0 - sum(phase_s.values())
+    phase_s["candidates"] = since()
     ops = make_ops(model, names, cfg)
     load_candidates(ops, state, cache)
     install(model, ops)
@@ -2450,10 +2457,10 @@ def run(cfg: Config) -> dict:
         raise DashError(f"--resume: no checkpoint at {checkpoint} (a search saves one every --checkpoint-every "
                         f"steps into --out)")
     result = search(model, data["search"], names, cfg, checkpoint=checkpoint, run_key=run_key(cfg, data, cache))
-    phase_s["search"] = time.time() - t0 - sum(phase_s.values())
+    phase_s["search"] = since()
     relaxed = choose_layers(result["probs"], names, cfg.k, cfg.threshold)
     polished = polish(model, result["probs"], names, relaxed, data["held_out"], cfg) if cfg.polish else None
-    phase_s["polish"] = time.time() - t0 - sum(phase_s.values())
+    phase_s["polish"] = since()
     compile_layers(model, on=False)  # the check below generates: new shapes every token, eager is better there
     recompute_mlp(model, on=False)
     arch = export(result, names, cfg, cache, data, polished)
@@ -2474,7 +2481,7 @@ def run(cfg: Config) -> dict:
               "run eval_ruler.py on the architecture where it fits")
     elif cfg.check_samples:
         arch["retrieval_check"] = retrieval_check(model, tokenizer, arch, state, cfg)
-        arch["phase_s"]["check"] = round(time.time() - t0 - sum(phase_s.values()), 1)
+        arch["phase_s"]["check"] = round(since(), 1)
         (out / "arch.json").write_text(json.dumps(arch, indent=1))
     return arch
 
