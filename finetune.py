@@ -62,6 +62,8 @@ class FinetuneConfig:
                                    "teacher's probability of the next token, p_short the teacher's with the "
                                    "architecture's swa window in every layer (LongCE): tokens that need the long "
                                    "context count more. 20: more retrieval, a higher KL (README)")
+    batch_size: int | None = flag(None, "sequences per optimizer step (default: the search's batch size); the same "
+                                        "tokens in smaller batches make more steps")
     epochs: int = flag(1, "passes over the finetuning tokens, each in a new order (the small teacher's text holds "
                           "327,680 finetuning tokens: a longer run repeats them)")
     seed: int = flag(0, "seed of the finetuning tokens' order")
@@ -90,6 +92,8 @@ def resolve(fcfg: FinetuneConfig, arch: dict) -> FinetuneConfig:
         raise DashError(f"--train {fcfg.train!r}: choose one of {', '.join(TRAIN_SETS)}")
     if fcfg.epochs < 1:
         raise DashError(f"--epochs {fcfg.epochs} must be at least 1")
+    if fcfg.batch_size is not None and fcfg.batch_size < 1:
+        raise DashError(f"--batch-size {fcfg.batch_size} must be at least 1")
     if fcfg.tokens < 1 or fcfg.lr <= 0 or fcfg.lr_other < 0 or fcfg.top_k < 0 or not 0 <= fcfg.warmup < 1:
         raise DashError(f"--tokens {fcfg.tokens}, --lr {fcfg.lr}, --lr-other {fcfg.lr_other}, --top-k {fcfg.top_k}, "
                         f"--warmup {fcfg.warmup}: need tokens >= 1, lr > 0, lr-other >= 0, top-k >= 0, 0 <= warmup < 1")
@@ -345,11 +349,15 @@ def prepare(fcfg: FinetuneConfig):
            + ("; for the small teacher, python small_model/more_text.py --out DIR writes more of its text"
               if dash.is_small_model(fcfg.model) else ""))
     data = dash.load_data(tokenizer, cfg, parts=("held_out", "finetune"), finetune_tokens=fcfg.tokens, why=why)
-    if fcfg.epochs > 1:  # (epochs x n, B, T): every pass its own order of the sequences
-        seqs = data["finetune"].flatten(0, 1)                                    # (n B, T)
-        order = [torch.randperm(len(seqs), generator=torch.Generator().manual_seed(fcfg.seed + e))
-                 for e in range(fcfg.epochs)]
-        data["finetune"] = torch.cat([seqs[o] for o in order]).view(-1, *data["finetune"].shape[1:])
+    seqs = data["finetune"].flatten(0, 1)                                        # (n B, T)
+    if fcfg.epochs > 1:  # every pass its own order of the sequences
+        seqs = torch.cat([seqs[torch.randperm(len(seqs), generator=torch.Generator().manual_seed(fcfg.seed + e))]
+                          for e in range(fcfg.epochs)])
+    b = fcfg.batch_size or cfg.batch_size
+    if len(seqs) < b:
+        raise DashError(f"--batch-size {b}: the finetuning text holds {len(seqs)} sequences of {cfg.seq_len} tokens; "
+                        f"lower --batch-size or raise --tokens")
+    data["finetune"] = seqs[:len(seqs) // b * b].view(-1, b, cfg.seq_len)      # (steps, b, T): whole batches
     return arch, fcfg, cfg, teacher, state, data
 
 

@@ -167,6 +167,19 @@ def test_long_weighted_finetune_trains_and_records_its_loss(tiny_arch, tmp_path)
     assert any(moved)  # the weights changed what was learnt
 
 
+def test_batch_size_splits_the_same_tokens_into_more_steps(tiny_arch, tmp_path):
+    *_, default = finetune.prepare(fcfg_of(tiny_arch, tmp_path, tokens=1024, epochs=2))
+    *_, ones = finetune.prepare(fcfg_of(tiny_arch, tmp_path, tokens=1024, epochs=2, batch_size=1))
+    b = default["finetune"].shape[1]
+    assert b > 1 and ones["finetune"].shape == (len(default["finetune"]) * b, 1, default["finetune"].shape[-1])
+    assert torch.equal(ones["finetune"].flatten(), default["finetune"].flatten())  # same sequences, same order
+    *_, threes = finetune.prepare(fcfg_of(tiny_arch, tmp_path, tokens=1024, epochs=2, batch_size=3))
+    assert threes["finetune"].shape[:2] == (len(ones["finetune"]) // 3, 3)  # whole batches: the rest is left out
+    for bad, expect in ((0, "--batch-size 0 must be at least 1"), (10 ** 4, "--batch-size 10000: the finetuning")):
+        with pytest.raises(dash.DashError, match=expect):
+            finetune.prepare(fcfg_of(tiny_arch, tmp_path, batch_size=bad))
+
+
 def test_ga_s2_scores_every_layer_with_the_same_tokens(tiny_arch, tmp_path):
     arch, fcfg, cfg, teacher, state, data = finetune.prepare(fcfg_of(tiny_arch, tmp_path, tokens=256))
     result = finetune.ga_s2(teacher, ["gdn", "gla", "gdn", "gla"], state, cfg, data["finetune"], data["held_out"],
