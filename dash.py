@@ -1186,7 +1186,7 @@ def check_attention(name: str, model):
             raise DashError(f"{name}: {cap} = {getattr(c, cap)}; dash's operators and KL assume no soft-capping")
 
 
-def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
+def final_hidden(model, ids: torch.Tensor, keep: list | None = None) -> torch.Tensor:
     """model.model(ids).last_hidden_state for a batch without padding, spelled out for the search: embeddings
     (Gemma's scale is inside its embedding module), RoPE (one per layer type in Gemma 3), the layers with no mask
     (sdpa's causal attention; dash's operators apply the teacher's windows themselves), the final norm. Given no
@@ -1207,6 +1207,8 @@ def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(a, (MixedAttention, HybridAttention)) and teacher_window(a) is not None:
             mask = keep_mask(None, T, T, ids.device, teacher_window(a))  # the teacher's own module: its window
         h = layer(h, attention_mask=mask, position_embeddings=ropes[kind], position_ids=pos)
+        if keep is not None:
+            keep.append(h)
     return m.norm(h)
 
 

@@ -64,6 +64,8 @@ class FinetuneConfig:
                                    "context count more. 20: more retrieval, a higher KL (README)")
     batch_size: int | None = flag(None, "sequences per optimizer step (default: the search's batch size); the same "
                                         "tokens in smaller batches make more steps")
+    hidden_weight: float = flag(0.0, "weight of a per-layer loss: each layer's output against the teacher's, "
+                                     "squared error over the teacher's mean square")
     epochs: int = flag(1, "passes over the finetuning tokens, each in a new order (the small teacher's text holds "
                           "327,680 finetuning tokens: a longer run repeats them)")
     seed: int = flag(0, "seed of the finetuning tokens' order")
@@ -296,13 +298,18 @@ def distil(student, teacher, batches: torch.Tensor, groups: list[dict], fcfg: Fi
     bar = tqdm(range(start, steps), desc=desc, unit="step", initial=start, total=steps)
     for step in bar:
         ids = batches[step].to(device)                                          # (B, T)
+        kt, ks = ([], []) if fcfg.hidden_weight else (None, None)
         with torch.no_grad():
-            h_teacher = dash.final_hidden(teacher, ids)                         # (B, T, C)
+            h_teacher = dash.final_hidden(teacher, ids, kt)                     # (B, T, C)
             if short is not None:
                 w = long_weights(h_teacher, dash.final_hidden(short, ids), ids, head, fcfg.kl_chunk, fcfg.long_weight)
-        loss = dash.chunked_kl(dash.final_hidden(student, ids), h_teacher, head, fcfg.kl_chunk,
+        loss = dash.chunked_kl(dash.final_hidden(student, ids, ks), h_teacher, head, fcfg.kl_chunk,
                                terms if short is None else weighted_terms(w))
-        loss.backward()
+        if fcfg.hidden_weight:
+            hid = sum(((s.float() - t.float()) ** 2).mean() / (t.float() ** 2).mean() for s, t in zip(ks, kt)) / len(kt)
+            (loss + fcfg.hidden_weight * hid).backward()
+        else:
+            loss.backward()
         scale = lr_scale(step, steps, fcfg.warmup)
         opt.step(scale)
         history.append(dict(step=step, loss=round(loss.item(), 6), lr_scale=round(scale, 4),
