@@ -12,7 +12,8 @@ The hybrid is dash.build_hybrid's; the teacher is the same model before surgery,
   all    every weight but the embeddings and the LM head, with --lr inside attention (operators and projections,
          every layer) and --lr-other outside it (MLPs, norms), as hybrid-distillation's stage 2 (1e-4 and 7e-6)
 The loss is dash's fused chunked KL (no full-vocabulary logits), or with --top-k a decoupled top-k KL; with
---long-weight each token's KL is weighted by how much the teacher needs the long context to predict it (LongCE).
+--long-weight each token's KL is weighted by how much the teacher needs the long context to predict it (LongCE);
+with --hidden-weight (the small model's default) a per-layer loss on each layer's output joins it.
 Writes <out>/arch.json, the same schema as dash.py's, plus a "finetune" record, and <out>/finetuned.safetensors
 with the trained weights only: build_hybrid() and eval_ruler.py --arch rebuild the finetuned model from them.
 Also here: hybrid-distillation's KL-guided layer selection (GA-S2) at small scale, ga_s2(), for eval_ruler.py.
@@ -50,22 +51,23 @@ class FinetuneConfig:
     train: str = flag("all", "what trains: ops (the cheap operators' new parameters), attn (those and the cheap "
                              "layers' q/k/v/o projections), all (everything but embeddings and head, --lr-other "
                              "outside attention). all: the lowest held-out KL on the small teacher (README)")
-    tokens: int | None = flag(None, "finetuning tokens, after the search's (default: 20M; 163,840 for the small "
-                                    "model: under 5 minutes on a 2-core CPU)")
+    tokens: int | None = flag(None, "finetuning tokens, after the search's (default: 20M; 327,680 for the small "
+                                    "model, all its shipped text holds: under 5 minutes on a 2-core CPU)")
     lr: float | None = flag(None, "AdamW peak learning rate of the operators and attention projections (default: "
                                   "1e-4 as hybrid-distillation's stage 2; 1e-3 for the small model's few steps)")
     lr_other: float | None = flag(None, "peak learning rate outside attention, with --train all (default: 7e-6 as "
                                         "hybrid-distillation's stage 2; 7e-5 for the small model, the same ratio)")
     warmup: float = flag(0.05, "share of the steps with linear warm-up; cosine decay to 0 after")
     top_k: int = flag(0, "0: full-vocabulary KL; k > 0: decoupled top-k KL on the teacher's k most likely tokens")
+    hidden_weight: float | None = flag(None, "weight of the per-layer loss beside the KL: each layer's output against "
+                                             "the teacher's (default: 0; 3 for the small model, which lowers its "
+                                             "held-out KL and keeps more needles, README)")
     long_weight: float = flag(0.0, "0: every token's KL alike; g > 0: weight each token by min(p / p_short, g), p the "
                                    "teacher's probability of the next token, p_short the teacher's with the "
                                    "architecture's swa window in every layer (LongCE): tokens that need the long "
                                    "context count more. 20: more retrieval, a higher KL (README)")
-    batch_size: int | None = flag(None, "sequences per optimizer step (default: the search's batch size); the same "
-                                        "tokens in smaller batches make more steps")
-    hidden_weight: float = flag(0.0, "weight of a per-layer loss: each layer's output against the teacher's, "
-                                     "squared error over the teacher's mean square")
+    batch_size: int | None = flag(None, "sequences per optimizer step (default: the search's batch size; 1 for the "
+                                        "small model: the same tokens in more steps, a lower held-out KL, README)")
     epochs: int = flag(1, "passes over the finetuning tokens, each in a new order (the small teacher's text holds "
                           "327,680 finetuning tokens: a longer run repeats them)")
     seed: int = flag(0, "seed of the finetuning tokens' order")
@@ -80,8 +82,8 @@ class FinetuneConfig:
 
 
 # Defaults that depend on the model, as in dash.py: the paper's scale, and CPU minutes for the small teacher.
-PAPER = dict(tokens=20_000_000, lr=1e-4, lr_other=7e-6)
-SMALL = dict(tokens=163_840, lr=1e-3, lr_other=7e-5)
+PAPER = dict(tokens=20_000_000, lr=1e-4, lr_other=7e-6, hidden_weight=0.0)
+SMALL = dict(tokens=327_680, lr=1e-3, lr_other=7e-5, hidden_weight=3.0, batch_size=1)
 
 
 def resolve(fcfg: FinetuneConfig, arch: dict) -> FinetuneConfig:
@@ -99,6 +101,8 @@ def resolve(fcfg: FinetuneConfig, arch: dict) -> FinetuneConfig:
     if fcfg.tokens < 1 or fcfg.lr <= 0 or fcfg.lr_other < 0 or fcfg.top_k < 0 or not 0 <= fcfg.warmup < 1:
         raise DashError(f"--tokens {fcfg.tokens}, --lr {fcfg.lr}, --lr-other {fcfg.lr_other}, --top-k {fcfg.top_k}, "
                         f"--warmup {fcfg.warmup}: need tokens >= 1, lr > 0, lr-other >= 0, top-k >= 0, 0 <= warmup < 1")
+    if fcfg.hidden_weight < 0:
+        raise DashError(f"--hidden-weight {fcfg.hidden_weight} must be at least 0 (0: the KL alone)")
     if fcfg.long_weight < 0 or (fcfg.long_weight and fcfg.top_k):
         raise DashError(f"--long-weight {fcfg.long_weight}: 0 (off) or a cap > 0, and not with --top-k")
     if "finetune" in arch:
@@ -150,8 +154,10 @@ def loss_terms(fcfg: FinetuneConfig):
 
 def loss_name(fcfg: FinetuneConfig) -> str:
     if fcfg.top_k:
-        return f"decoupled top-{fcfg.top_k} KL"
-    return f"KL, tokens weighted by min(p / p_short, {fcfg.long_weight}) (LongCE)" if fcfg.long_weight else "kl"
+        name = f"decoupled top-{fcfg.top_k} KL"
+    else:
+        name = f"KL, tokens weighted by min(p / p_short, {fcfg.long_weight}) (LongCE)" if fcfg.long_weight else "kl"
+    return name + (f" + {fcfg.hidden_weight} x per-layer hidden-state loss" if fcfg.hidden_weight else "")
 
 
 def weighted_terms(weights: torch.Tensor):
@@ -167,6 +173,15 @@ def weighted_terms(weights: torch.Tensor):
         kl = (p * (log_p - log_q)).sum(-1)                                          # (chunk,)
         return (w * kl).sum(), ((log_q.exp() - p) * (w / n)[:, None]).to(z_student.dtype)
     return weighted
+
+
+def hidden_loss(student_layers: list[torch.Tensor], teacher_layers: list[torch.Tensor]) -> torch.Tensor:
+    """The per-layer loss beside the KL: each layer's output (B, T, C) against the teacher's on the same tokens,
+    squared error over the teacher's mean square (so that every layer counts alike, whatever its scale), averaged
+    over the layers. The KL reaches a cheap layer only through every layer above it; this tells each layer directly
+    what the teacher's residual stream was there (the alignment of prepare_candidates, now end to end)."""
+    return sum(((s.float() - t.float()) ** 2).mean() / (t.float() ** 2).mean()
+               for s, t in zip(student_layers, teacher_layers)) / len(teacher_layers)
 
 
 def next_token_logprob(h: torch.Tensor, ids: torch.Tensor, head, chunk: int) -> torch.Tensor:
@@ -277,7 +292,8 @@ def lr_scale(step: int, steps: int, warmup: float) -> float:
 
 def distil(student, teacher, batches: torch.Tensor, groups: list[dict], fcfg: FinetuneConfig,
            checkpoint: Path | None = None, run_key: str = "", desc: str = "finetune", short=None) -> dict:
-    """Train the parameters in `groups` on KL(teacher || student) over batches (n, B, T), one step a batch.
+    """Train the parameters in `groups` on KL(teacher || student), plus --hidden-weight x hidden_loss, over batches
+    (n, B, T), one step a batch.
     short: the teacher with a sliding window in every layer, for --long-weight's token weights. Returns the loss curve
     and the wall time; checkpoints every --checkpoint-every steps (and resumes with --resume)."""
     device, steps = next(student.parameters()).device, len(batches)
@@ -298,22 +314,21 @@ def distil(student, teacher, batches: torch.Tensor, groups: list[dict], fcfg: Fi
     bar = tqdm(range(start, steps), desc=desc, unit="step", initial=start, total=steps)
     for step in bar:
         ids = batches[step].to(device)                                          # (B, T)
-        kt, ks = ([], []) if fcfg.hidden_weight else (None, None)
+        kt, ks = ([], []) if fcfg.hidden_weight else (None, None)  # each layer's output, for --hidden-weight
         with torch.no_grad():
             h_teacher = dash.final_hidden(teacher, ids, kt)                     # (B, T, C)
             if short is not None:
                 w = long_weights(h_teacher, dash.final_hidden(short, ids), ids, head, fcfg.kl_chunk, fcfg.long_weight)
         loss = dash.chunked_kl(dash.final_hidden(student, ids, ks), h_teacher, head, fcfg.kl_chunk,
                                terms if short is None else weighted_terms(w))
-        if fcfg.hidden_weight:
-            hid = sum(((s.float() - t.float()) ** 2).mean() / (t.float() ** 2).mean() for s, t in zip(ks, kt)) / len(kt)
-            (loss + fcfg.hidden_weight * hid).backward()
-        else:
-            loss.backward()
+        hidden = hidden_loss(ks, kt) if fcfg.hidden_weight else None
+        (loss if hidden is None else loss + fcfg.hidden_weight * hidden).backward()
         scale = lr_scale(step, steps, fcfg.warmup)
         opt.step(scale)
         history.append(dict(step=step, loss=round(loss.item(), 6), lr_scale=round(scale, 4),
                             time=round(time.time() - t0, 2)))
+        if hidden is not None:
+            history[-1]["hidden"] = round(hidden.item(), 6)
         bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
         if (step + 1) % fcfg.log_every == 0 or step == steps - 1:
             recent = [h["loss"] for h in history[-fcfg.log_every:]]

@@ -167,6 +167,34 @@ def test_long_weighted_finetune_trains_and_records_its_loss(tiny_arch, tmp_path)
     assert any(moved)  # the weights changed what was learnt
 
 
+def test_hidden_loss_is_each_layers_squared_error_over_the_teachers_scale():
+    t = [torch.randn(2, 5, 8), 100 * torch.randn(2, 5, 8)]  # a layer 100 times larger counts alike
+    assert finetune.hidden_loss(t, t).item() == 0
+    torch.testing.assert_close(finetune.hidden_loss([2 * x for x in t], t), torch.tensor(1.0))  # error = teacher
+    torch.testing.assert_close(finetune.hidden_loss([t[0], 0 * t[1]], t), torch.tensor(0.5))  # mean over layers
+
+
+def test_hidden_weighted_finetune_trains_and_records_its_loss(tiny_arch, tmp_path):
+    runs = {g: finetune.run(fcfg_of(tiny_arch, tmp_path / f"h{g}", tokens=2048, lr=1e-3, hidden_weight=g))
+            for g in (0.0, 3.0)}
+    plain, hidden = (r[0]["finetune"] for r in runs.values())
+    assert (plain["loss"], hidden["loss"]) == ("kl", "kl + 3.0 x per-layer hidden-state loss")
+    assert "hidden" not in plain["history"][0]
+    curve = [h["hidden"] for h in hidden["history"]]
+    assert len(curve) == 16 and sum(curve[-4:]) < sum(curve[:4]), curve  # the per-layer loss falls
+    assert hidden["held_out_kl"]["after"] < hidden["held_out_kl"]["before"]
+    assert any(not torch.equal(p, q) for p, q in zip(runs[0.0][1].parameters(), runs[3.0][1].parameters()))
+
+
+def test_the_small_models_defaults_and_the_papers():
+    small = finetune.resolve(finetune.FinetuneConfig(), dict(model=str(dash.SMALL_MODEL)))
+    assert (small.tokens, small.batch_size, small.hidden_weight) == (327_680, 1, 3.0)
+    paper = finetune.resolve(finetune.FinetuneConfig(), dict(model="Qwen/Qwen2.5-3B-Instruct"))
+    assert (paper.tokens, paper.batch_size, paper.hidden_weight) == (20_000_000, None, 0.0)  # None: the search's
+    with pytest.raises(dash.DashError, match="--hidden-weight -1.0 must be at least 0"):
+        finetune.resolve(finetune.FinetuneConfig(hidden_weight=-1.0), dict(model="Qwen/Qwen2.5-3B-Instruct"))
+
+
 def test_batch_size_splits_the_same_tokens_into_more_steps(tiny_arch, tmp_path):
     *_, default = finetune.prepare(fcfg_of(tiny_arch, tmp_path, tokens=1024, epochs=2))
     *_, ones = finetune.prepare(fcfg_of(tiny_arch, tmp_path, tokens=1024, epochs=2, batch_size=1))
