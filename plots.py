@@ -315,10 +315,15 @@ def finetune_point(results: dict) -> dict:
     its finetuning tokens, the recipe that makes its line (the loss; distinct text, or passes over the same), its
     needles and the teacher's."""
     ft = results["finetune"]
-    cap = re.search(r"min\(p / p_short, ([\d.]+)\)", ft["loss"])
-    loss = f"LongCE-weighted KL (--long-weight {float(cap[1]):g})" if cap else \
-        "KL" if ft["loss"] == "kl" else ft["loss"]
+    base = ft["loss"].split(" + ")[0]  # "kl + 3.0 x per-layer hidden-state loss": the weight is in the config
+    cap = re.search(r"min\(p / p_short, ([\d.]+)\)", base)
+    loss = f"LongCE-weighted KL (--long-weight {float(cap[1]):g})" if cap else "KL" if base == "kl" else base
+    if ft["config"].get("hidden_weight"):  # absent before --hidden-weight
+        loss += f" + per-layer loss (--hidden-weight {ft['config']['hidden_weight']:g})"
     text = f"passes over {ft['tokens'] // ft['epochs']:,} tokens" if ft["epochs"] > 1 else "distinct tokens"
+    batch = ft["config"].get("batch_size")  # None: the search's batch, as every run before --batch-size
+    if batch and batch != ft["data"]["batch_size"]:
+        text += f", batch {batch}"
     return dict(tokens=ft["tokens"], line=f"{loss}, {text}", passes=ft["epochs"],
                 needles=needles(results["results"]["dash"]), teacher=needles(results["results"]["teacher"]))
 

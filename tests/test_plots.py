@@ -21,6 +21,8 @@ RULER = ROOT / "results" / "ruler-small-h100" / "results.json"
 FINETUNED = [ROOT / "results" / d / "results.json" for d in (   # finetuned hybrids' RULER files
     "finetune-small-h200/ruler-default", "finetune-small-h200/ruler-rep16", "finetune-small-h200/ruler-fresh5m",
     "finetune-small-h200-longce/ruler-fresh5m-lw20")]
+HIDDEN = [ROOT / "results" / "finetune-small-h200-14" / d / "results.json" for d in (  # per-layer loss, batch 1
+    "ruler-default", "ruler-d-lw20", "ruler-fresh5m-lw20-h3")]
 
 
 def assert_png(path):
@@ -121,6 +123,12 @@ def test_finetune_points_name_their_recipe_and_count_the_needles():
     assert fresh["line"] == default["line"] and fresh["tokens"] == 5_242_880
     assert longce["line"] == "LongCE-weighted KL (--long-weight 20), distinct tokens"
     assert round(default["needles"], 1) == 25.9 and round(longce["needles"], 1) == 73.8  # the README's table
+    small, lw20, fresh = (plots.finetune_point(json.loads(f.read_text())) for f in HIDDEN)
+    assert small["line"] == "KL + per-layer loss (--hidden-weight 3), distinct tokens, batch 1"
+    assert lw20["line"] == ("LongCE-weighted KL (--long-weight 20) + per-layer loss (--hidden-weight 3), distinct "
+                            "tokens, batch 1")
+    assert fresh["line"] == "LongCE-weighted KL (--long-weight 20) + per-layer loss (--hidden-weight 3), distinct tokens"
+    assert (round(small["needles"], 1), round(fresh["needles"], 1)) == (38.9, 77.8)  # the README's table
     assert plots.needles({"niah_a@1024": 50.0, "niah_b@1024": 100.0, "vt@1024": 0.0, "avg": 50.0}) == 75.0
     with pytest.raises(ValueError, match="no niah task"):
         plots.needles({"vt@1024": 1.0})
