@@ -1192,7 +1192,7 @@ def final_hidden(model, ids: torch.Tensor, keep: list | None = None) -> torch.Te
     (sdpa's causal attention; dash's operators apply the teacher's windows themselves), the final norm. Given no
     attention mask, HF's forward looks for packed sequences in the position ids, a host sync per call: the CPU could
     not queue a pass ahead of the GPU (on the H100 the search ran 8-12% faster without it). load_model() checks that
-    both agree."""
+    both agree. keep: a list that receives each layer's output (B, T, C), for finetune.py's per-layer loss."""
     m = model.model
     h = m.embed_tokens(ids)
     T = ids.shape[1]
