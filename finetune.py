@@ -180,7 +180,7 @@ def hidden_loss(student_layers: list[torch.Tensor], teacher_layers: list[torch.T
     squared error over the teacher's mean square (so that every layer counts alike, whatever its scale), averaged
     over the layers. The KL reaches a cheap layer only through every layer above it; this tells each layer directly
     what the teacher's residual stream was there (the alignment of prepare_candidates, now end to end)."""
-    return sum(((s.float() - t.float()) ** 2).mean() / (t.float() ** 2).mean()
+    return sum(F.mse_loss(s.float(), t.float()) / t.float().square().mean()
                for s, t in zip(student_layers, teacher_layers)) / len(teacher_layers)
 
 
