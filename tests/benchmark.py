@@ -130,9 +130,11 @@ def time_finetune(args) -> dict:
     batches = torch.randint(0, kw["vocab_size"], (args.steps, B, T), generator=torch.Generator().manual_seed(0))
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, shape=args.shape, batch=B, seq_len=T,
                layers="".join(dash.CANDIDATES[n].code for n in layers), finetune={})
-    for train in args.finetune.split(","):
+    runs = [(t, float(w)) for t in args.finetune.split(",") for w in args.finetune_hidden.split(",")]
+    for train, hidden in runs:
+        name = train if not hidden else f"{train}+hidden{hidden:g}"  # the per-layer loss keeps each layer's output
         fcfg = finetune.FinetuneConfig(train=train, lr=finetune.PAPER["lr"], lr_other=finetune.PAPER["lr_other"],
-                                       log_every=10 ** 9)
+                                       hidden_weight=hidden, log_every=10 ** 9)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
@@ -149,8 +151,8 @@ def time_finetune(args) -> dict:
         except torch.cuda.OutOfMemoryError as e:
             r = dict(oom=str(e).split("\n")[0], peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
         student = groups = None
-        res["finetune"][train] = r
-        print("finetune", train, r, flush=True)
+        res["finetune"][name] = r
+        print("finetune", name, r, flush=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
     return res
 
@@ -201,6 +203,8 @@ def main():
     ap.add_argument("--shape", default="qwen2.5-3b", help="published model shape: " + ", ".join(SHAPES))
     ap.add_argument("--finetune", default="", help="time finetune.py's step instead, for these train sets "
                                                     "(ops,attn,all), --steps steps each, and stop")
+    ap.add_argument("--finetune-hidden", default="0", help="finetune.py --hidden-weight values to time with each "
+                                                            "train set, e.g. 0,3 (the per-layer loss)")
     ap.add_argument("--finetune-op", default="gdn", help="the cheap layers' operator of the finetuned hybrid")
     ap.add_argument("--out", default="bench.json")
     args = ap.parse_args()
