@@ -351,7 +351,7 @@ def finetune_figure(runs: list[dict], path, title: str = "") -> str | None:
     ax.set_xscale("log")
     ax.set(xlabel="finetuning tokens", ylabel="needles (mean of the niah tasks, %)", ylim=(0, 105),
            title=title or "RULER needles after finetuning, against the tokens")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: the points stay clear
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12))  # below the axes: the points stay clear
     return _save(fig, path)
 
 # ----------------------------------------------------------------------------- command line
