@@ -13,7 +13,6 @@ prints one note per process and returns None, and the run that called it goes on
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -314,14 +313,13 @@ def finetune_point(results: dict) -> dict:
     """One finetuned hybrid's RULER file (eval_ruler.py --arch <finetuned>/arch.json) as a point of the curve:
     its finetuning tokens, the recipe that makes its line (the loss; distinct text, or passes over the same), its
     needles and the teacher's."""
-    ft = results["finetune"]
-    base = ft["loss"].split(" + ")[0]  # "kl + 3.0 x per-layer hidden-state loss": the weight is in the config
-    cap = re.search(r"min\(p / p_short, ([\d.]+)\)", base)
-    loss = f"LongCE-weighted KL (--long-weight {float(cap[1]):g})" if cap else "KL" if base == "kl" else base
-    if ft["config"].get("hidden_weight"):  # absent before --hidden-weight
-        loss += f" + per-layer loss (--hidden-weight {ft['config']['hidden_weight']:g})"
+    ft, c = results["finetune"], results["finetune"]["config"]  # flags newer than a run are absent or None in it
+    loss = (f"decoupled top-{c['top_k']} KL" if c.get("top_k") else
+            f"LongCE-weighted KL (--long-weight {c['long_weight']:g})" if c.get("long_weight") else "KL")
+    if c.get("hidden_weight"):
+        loss += f" + per-layer loss (--hidden-weight {c['hidden_weight']:g})"
     text = f"passes over {ft['tokens'] // ft['epochs']:,} tokens" if ft["epochs"] > 1 else "distinct tokens"
-    batch = ft["config"].get("batch_size")  # None: the search's batch, as every run before --batch-size
+    batch = c.get("batch_size")  # None: the search's batch, as every run before --batch-size
     if batch and batch != ft["data"]["batch_size"]:
         text += f", batch {batch}"
     return dict(tokens=ft["tokens"], line=f"{loss}, {text}", passes=ft["epochs"],
