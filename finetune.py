@@ -180,8 +180,11 @@ def hidden_loss(student_layers: list[torch.Tensor], teacher_layers: list[torch.T
     squared error over the teacher's mean square (so that every layer counts alike, whatever its scale), averaged
     over the layers. The KL reaches a cheap layer only through every layer above it; this tells each layer directly
     what the teacher's residual stream was there (the alignment of prepare_candidates, now end to end)."""
-    return sum(F.mse_loss(s.float(), t.float()) / t.float().square().mean()
-               for s, t in zip(student_layers, teacher_layers)) / len(teacher_layers)
+    total = 0.0
+    for s, t in zip(student_layers, teacher_layers):
+        t = t.float()  # one fp32 copy of the teacher's layer, for the error and the scale
+        total = total + F.mse_loss(s.float(), t) / t.square().mean()
+    return total / len(teacher_layers)
 
 
 def next_token_logprob(h: torch.Tensor, ids: torch.Tensor, head, chunk: int) -> torch.Tensor:
